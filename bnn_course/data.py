@@ -1,0 +1,717 @@
+"""CIFAR-10 as uint8 tensors on the training device, and batched transforms that run there.
+
+The whole data set (50,000 + 10,000 images of 3x32x32 bytes, 184 MB) fits in the memory of
+any GPU, so it lives there as ``uint8`` and every batch is augmented and normalised on the
+device: no ``DataLoader`` and no worker processes.
+
+Where the images come from (:func:`load_cifar10` tries these in order):
+
+1. a folder given as ``root`` or by ``BNN_COURSE_DATA`` (default ``~/.cache/bnn_course/data``)
+   holding, at its top or one level down, either torchvision's ``cifar-10-batches-py``
+   (pickled batches) or an image-folder tree ``train/<class>/*.png|jpg`` and
+   ``test/<class>/*`` (Kaggle's and fast.ai's copies, and the course's JPEG copy). A tree
+   is decoded once with Pillow and cached next to itself as uint8 tensors;
+2. ``torchvision.datasets.CIFAR10(download=True)`` into that folder;
+3. in smoke mode only, a synthetic CIFAR-shaped stand-in, announced loudly. In full mode a
+   missing data set is an error that says how to get it.
+
+Transforms (any device, any batch size, no Python loop over images):
+
+* :func:`normalize` -- bytes to floats with CIFAR-10's channel mean and standard deviation;
+* :func:`augment` -- random 32x32 crop of the image padded by 4 zero pixels, and a random
+  horizontal flip (the standard CIFAR-10 augmentation);
+* :func:`iterate_batches` -- shuffled (optionally augmented) normalised mini-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import pickle
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bnn_course import config
+
+logger = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer",
+                            "dog", "frog", "horse", "ship", "truck")
+"""CIFAR-10's class names in its label order (label ``i`` is ``CLASSES[i]``)."""
+
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+"""Per-channel (R, G, B) mean of CIFAR-10's training images, pixel values in [0, 1]."""
+
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+"""Per-channel (R, G, B) standard deviation of CIFAR-10's training images, in [0, 1]."""
+
+SMOKE_TRAIN_PER_CLASS = 256
+"""Training images per class kept in smoke mode (2,560 in all)."""
+
+SMOKE_TEST_PER_CLASS = 128
+"""Test images per class kept in smoke mode (1,280 in all)."""
+
+SYNTHETIC_SOURCE = "synthetic stand-in (not CIFAR-10)"
+SYNTHETIC_BANNER = "SYNTHETIC STAND-IN, NOT CIFAR-10"
+
+PICKLE_FOLDER = "cifar-10-batches-py"
+_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_BATCH = "test_batch"
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+_CACHE_VERSION = 1
+_CACHE_NAME = ".bnn_course_cache_{split}.pt"
+
+
+def user_cache_dir() -> Path:
+    """``~/.cache/bnn_course``: default download folder and fallback for read-only caches."""
+    return Path.home() / ".cache" / "bnn_course"
+
+
+def _say(message: str, verbose: bool) -> None:
+    logger.info(message)
+    if verbose:
+        print(message)
+
+
+# --------------------------------------------------------------------------------------
+# The data set object
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class CIFAR10Data:
+    """CIFAR-10 (or its smoke-mode stand-in) as tensors.
+
+    Attributes
+    ----------
+    train_images, test_images:
+        ``uint8`` tensors of shape ``(N, 3, 32, 32)``, channels R, G, B.
+    train_labels, test_labels:
+        ``int64`` tensors of shape ``(N,)`` with values in ``0..9``.
+    classes:
+        The class names, label ``i`` being ``classes[i]``.
+    source:
+        Where the images came from, in words (with the path), e.g.
+        ``"JPEG copy of CIFAR-10 (image-folder tree at /data/cifar10-jpeg)"``.
+    is_synthetic:
+        ``True`` for the synthetic stand-in (smoke mode without data only).
+    is_jpeg:
+        ``True`` when the images were decoded from JPEG files, whose pixels differ slightly
+        from the original; results on them must say "JPEG copy of CIFAR-10".
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    source: str
+    is_synthetic: bool = False
+    is_jpeg: bool = False
+
+    @property
+    def name(self) -> str:
+        """A short name for provenance lines and figure captions."""
+        if self.is_synthetic:
+            return SYNTHETIC_SOURCE
+        return "JPEG copy of CIFAR-10" if self.is_jpeg else "CIFAR-10"
+
+    @property
+    def device(self) -> torch.device:
+        """The device all tensors live on."""
+        return self.train_images.device
+
+    def to(self, device: torch.device | str) -> CIFAR10Data:
+        """A copy with every tensor moved to ``device`` (images stay ``uint8``)."""
+        return dataclasses.replace(
+            self,
+            train_images=self.train_images.to(device),
+            train_labels=self.train_labels.to(device),
+            test_images=self.test_images.to(device),
+            test_labels=self.test_labels.to(device),
+        )
+
+    def __repr__(self) -> str:
+        return (f"CIFAR10Data(train={tuple(self.train_images.shape)}, "
+                f"test={tuple(self.test_images.shape)}, device={self.device}, "
+                f"source={self.source!r})")
+
+
+def stratified_subset(images: torch.Tensor, labels: torch.Tensor, n: int, *,
+                      num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n / num_classes`` images of every class, in their original order.
+
+    Parameters
+    ----------
+    images:
+        Shape ``(N, ...)``.
+    labels:
+        Shape ``(N,)``, integers in ``0..num_classes-1``.
+    n:
+        Size of the subset; a multiple of ``num_classes``.
+
+    Returns
+    -------
+    (images, labels) of shapes ``(n, ...)`` and ``(n,)``, on the input's device.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not a positive multiple of ``num_classes`` or a class has fewer than
+        ``n / num_classes`` images.
+    """
+    if n <= 0 or n % num_classes:
+        raise ValueError(f"n={n} must be a positive multiple of num_classes={num_classes}")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    per_class = n // num_classes
+    keep = []
+    for c in range(num_classes):
+        indices = torch.nonzero(labels == c).flatten()
+        if indices.numel() < per_class:
+            raise ValueError(f"class {c} has {indices.numel()} images; a stratified subset "
+                             f"of {n} needs {per_class} per class")
+        keep.append(indices[:per_class])
+    index = torch.sort(torch.cat(keep)).values
+    return images[index], labels[index]
+
+
+# --------------------------------------------------------------------------------------
+# Offline format 1: torchvision's pickled batches
+# --------------------------------------------------------------------------------------
+
+
+def _is_pickle_folder(folder: Path) -> bool:
+    return (folder / _TEST_BATCH).is_file() or (folder / _TRAIN_BATCHES[0]).is_file()
+
+
+def _read_pickle_folder(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read ``data_batch_1..5`` and ``test_batch`` directly with :mod:`pickle`.
+
+    (torchvision's reader insists on the original files' md5 sums; reading them directly
+    also accepts a re-pickled copy, and costs no more.)
+    """
+    missing = [f for f in (*_TRAIN_BATCHES, _TEST_BATCH) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} looks like torchvision's {PICKLE_FOLDER} but lacks "
+                                f"{missing}; re-download or re-extract it")
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            names = tuple(pickle.load(f, encoding="latin1")["label_names"])
+        if names != CLASSES:
+            raise ValueError(f"{meta} names the classes {names}; expected CIFAR-10's {CLASSES}")
+    splits = {}
+    for split, files in (("train", _TRAIN_BATCHES), ("test", (_TEST_BATCH,))):
+        data, labels = [], []
+        for name in files:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            batch = np.asarray(entry["data"], dtype=np.uint8)
+            if batch.ndim != 2 or batch.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"{folder / name}: data has shape {batch.shape}, "
+                                 f"expected (N, 3072)")
+            data.append(batch)
+            labels.extend(entry["labels"])
+        images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
+        splits[split] = (images, torch.tensor(labels, dtype=torch.int64))
+    return splits
+
+
+# --------------------------------------------------------------------------------------
+# Offline format 2: image-folder tree, decoded once and cached
+# --------------------------------------------------------------------------------------
+
+
+def _is_image_tree(folder: Path) -> bool:
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _list_image_tree(tree: Path, split: str) -> list[list[str]]:
+    """File names per class (natural order), after checking the class folders."""
+    split_dir = tree / split
+    found = sorted(e.name for e in os.scandir(split_dir)
+                   if e.is_dir() and not e.name.startswith("."))
+    if set(found) != set(CLASSES):
+        missing = sorted(set(CLASSES) - set(found))
+        extra = sorted(set(found) - set(CLASSES))
+        raise ValueError(
+            f"{split_dir} must hold exactly one folder per CIFAR-10 class {list(CLASSES)}; "
+            f"missing: {missing}, unexpected: {extra}")
+    files = []
+    for name in CLASSES:
+        names = [e.name for e in os.scandir(split_dir / name)
+                 if e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES)
+                 and not e.name.startswith(".")]
+        if not names:
+            raise ValueError(f"{split_dir / name} holds no .png/.jpg/.jpeg images")
+        files.append(sorted(names, key=_natural_key))
+    return files
+
+
+def _fingerprint(files: list[list[str]]) -> str:
+    digest = hashlib.sha1()
+    for name, names in zip(CLASSES, files, strict=True):
+        digest.update(f"{name}:{len(names)}:".encode())
+        digest.update("\0".join(names).encode())
+    return digest.hexdigest()
+
+
+def _decode(paths: Sequence[Path]) -> torch.Tensor:
+    """Decode images to a ``uint8`` tensor ``(len(paths), 3, 32, 32)`` with Pillow."""
+    from PIL import Image
+
+    out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            if image.size != (32, 32):
+                raise ValueError(f"{path} is {image.size[0]}x{image.size[1]}; "
+                                 "CIFAR-10 images are 32x32")
+            out[i] = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _cache_paths(tree: Path, split: str) -> tuple[Path, Path]:
+    """(next to the tree, fallback under ``~/.cache/bnn_course`` keyed by the tree's path)."""
+    name = _CACHE_NAME.format(split=split)
+    absolute = str(tree.resolve())
+    key = hashlib.sha256(absolute.encode()).hexdigest()[:16]
+    return tree / name, user_cache_dir() / "image-tree-cache" / f"{tree.name}-{key}" / name
+
+
+def _save_atomically(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file in ``path``'s folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; others may share the data folder
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_cache(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: decode again
+        logger.warning("ignoring unreadable cache %s: %s", path, error)
+        return None
+    if cache.get("version") != _CACHE_VERSION or cache.get("fingerprint") != fingerprint:
+        return None
+    return cache
+
+
+def _load_image_tree_split(tree: Path, split: str, per_class: int | None, cap: bool,
+                           verbose: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Images, labels and the JPEG flag of one split of an image-folder tree.
+
+    With ``per_class`` set and no cache yet, only the first ``per_class`` files of each
+    class (at most as many as the smallest class has, if ``cap``) are decoded, for fast
+    smoke runs, and nothing is cached; otherwise the whole split is decoded once and cached.
+    A cache holds the whole split; the caller takes the subset.
+    """
+    files = _list_image_tree(tree, split)
+    fingerprint = _fingerprint(files)
+    is_jpeg = any(n.lower().endswith(_JPEG_SUFFIXES) for names in files for n in names)
+    for path in _cache_paths(tree, split):
+        cache = _read_cache(path, fingerprint)
+        if cache is not None:
+            _say(f"{split}: {cache['images'].shape[0]} images from the cache {path}", verbose)
+            return cache["images"], cache["labels"], cache["is_jpeg"]
+
+    if per_class is not None:
+        if cap:
+            per_class = min(per_class, min(len(names) for names in files))
+        short = [c for c, names in zip(CLASSES, files, strict=True) if len(names) < per_class]
+        if short:
+            raise ValueError(f"{tree / split}: classes {short} have fewer than "
+                             f"{per_class} images")
+        files = [names[:per_class] for names in files]
+    paths = [tree / split / c / n for c, names in zip(CLASSES, files, strict=True)
+             for n in names]
+    labels = torch.cat([torch.full((len(names),), c, dtype=torch.int64)
+                        for c, names in enumerate(files)])
+    start = time.perf_counter()
+    images = _decode(paths)
+    _say(f"{split}: decoded {len(paths)} images from {tree / split} "
+         f"in {time.perf_counter() - start:.1f} s", verbose)
+    if per_class is not None:
+        return images, labels, is_jpeg
+
+    cache = {"version": _CACHE_VERSION, "fingerprint": fingerprint, "images": images,
+             "labels": labels, "is_jpeg": is_jpeg}
+    beside, fallback = _cache_paths(tree, split)
+    try:
+        _save_atomically(cache, beside)
+        _say(f"{split}: cached as {beside}", verbose)
+    except OSError as error:
+        try:
+            _save_atomically(cache, fallback)
+            _say(f"{split}: {tree} is not writable ({error.strerror or error}); "
+                 f"cached under {fallback} instead", verbose)
+        except OSError as second:
+            _say(f"{split}: could not write a cache ({second}); the next load decodes again",
+                 verbose)
+    return images, labels, is_jpeg
+
+
+# --------------------------------------------------------------------------------------
+# Finding, downloading, or standing in for CIFAR-10
+# --------------------------------------------------------------------------------------
+
+
+def _find_offline_copy(root: Path) -> tuple[str, Path] | None:
+    """``("pickle", folder)`` or ``("tree", folder)`` at ``root`` or one level below.
+
+    The original pickled batches win over an image-folder tree (exact pixels).
+    """
+    if not root.is_dir():
+        return None
+    candidates = [root] + sorted(p for p in root.iterdir()
+                                 if p.is_dir() and not p.name.startswith("."))
+    for folder in candidates:
+        if _is_pickle_folder(folder):
+            return "pickle", folder
+    for folder in candidates:
+        if _is_image_tree(folder):
+            return "tree", folder
+    return None
+
+
+def _download(root: Path) -> None:
+    """Download CIFAR-10 into ``root/cifar-10-batches-py`` with torchvision."""
+    from torchvision.datasets import CIFAR10
+
+    CIFAR10(str(root), train=True, download=True)
+
+
+def _how_to_get_cifar10(root: Path) -> str:
+    return (
+        "CIFAR-10 was not found. Either\n"
+        f"  * set {config.DATA_ENV} (or pass root=...) to a folder holding torchvision's "
+        f"'{PICKLE_FOLDER}' folder, or an image-folder tree 'train/<class>/*.png|jpg' and "
+        "'test/<class>/*' with the ten CIFAR-10 class folders "
+        f"({' '.join(CLASSES)}), at its top or one level down; or\n"
+        f"  * let load_cifar10(allow_download=True) download it into {root} "
+        "(needs internet access to www.cs.toronto.edu, 170 MB).\n"
+        f"Searched: {root}")
+
+
+def synthetic_cifar10(train_per_class: int = SMOKE_TRAIN_PER_CLASS,
+                      test_per_class: int = SMOKE_TEST_PER_CLASS, *,
+                      seed: int = 0) -> CIFAR10Data:
+    """A learnable, CIFAR-shaped stand-in with 10 classes (NOT CIFAR-10; smoke mode only).
+
+    Class ``c`` has its own mean colour (hue ``36 c`` degrees) and a stripe pattern at
+    ``18 c`` degrees; each image gets a random stripe phase, a random colour shift and pixel
+    noise, so neither cue alone is perfect but a small CNN learns both quickly.
+
+    Returns
+    -------
+    CIFAR10Data
+        ``uint8`` images ``(10 * train_per_class, 3, 32, 32)`` and
+        ``(10 * test_per_class, 3, 32, 32)``, labels in class-blocked order, classes named
+        ``"synthetic 0"`` .. ``"synthetic 9"``, ``is_synthetic=True``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.arange(10, dtype=torch.float32)
+    hue = 2 * torch.pi * classes / 10
+    shifts = torch.tensor([0.0, -2 * torch.pi / 3, 2 * torch.pi / 3])
+    colours = 128 + 45 * torch.cos(hue[:, None] + shifts[None, :])  # (10, 3)
+    angle = torch.pi * classes / 10
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    frequency = 2 * torch.pi / 8  # stripes 8 pixels apart
+
+    def make(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(10).repeat_interleave(per_class)
+        n = labels.numel()
+        phase = 2 * torch.pi * torch.rand(n, 1, 1, generator=generator)
+        a = angle[labels][:, None, None]
+        stripes = torch.sin(frequency * (xx * torch.cos(a) + yy * torch.sin(a)) + phase)
+        colour = colours[labels] + 25 * torch.randn(n, 3, generator=generator)
+        images = (colour[:, :, None, None] + 40 * stripes[:, None]
+                  + 40 * torch.randn(n, 3, 32, 32, generator=generator))
+        return images.round().clamp(0, 255).to(torch.uint8), labels
+
+    train_images, train_labels = make(train_per_class)
+    test_images, test_labels = make(test_per_class)
+    return CIFAR10Data(train_images, train_labels, test_images, test_labels,
+                       classes=tuple(f"synthetic {i}" for i in range(10)),
+                       source=SYNTHETIC_SOURCE, is_synthetic=True, is_jpeg=False)
+
+
+def _announce_synthetic(reason: str) -> None:
+    line = "!" * 72
+    print(f"{line}\n!!  {SYNTHETIC_BANNER}  (smoke mode only)\n!!  {reason}\n{line}")
+    warnings.warn(f"{SYNTHETIC_BANNER}: {reason}", UserWarning, stacklevel=3)
+
+
+def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = None,
+                 device: torch.device | str = "cpu", allow_download: bool = True,
+                 train_per_class: int | None = None, test_per_class: int | None = None,
+                 verbose: bool = True) -> CIFAR10Data:
+    """Load CIFAR-10 as ``uint8`` tensors on ``device``.
+
+    Search order:
+
+    1. ``root``, else ``BNN_COURSE_DATA``, else ``~/.cache/bnn_course/data``: torchvision's
+       ``cifar-10-batches-py`` or an image-folder tree ``train/<class>/*``,
+       ``test/<class>/*`` (PNG or JPEG), at the top of that folder or one level down. A
+       tree is decoded once and cached beside itself (``.bnn_course_cache_<split>.pt``) or,
+       if it is read-only, under ``~/.cache/bnn_course``;
+    2. if ``allow_download``, torchvision's download into that folder;
+    3. in smoke mode only, :func:`synthetic_cifar10`, with a warning and a banner. In full
+       mode, :class:`FileNotFoundError` explaining how to get CIFAR-10.
+
+    Parameters
+    ----------
+    root:
+        Folder to search (and to download into).
+    smoke:
+        Smoke mode; ``None`` asks :func:`bnn_course.config.is_smoke`.
+    device:
+        Where the returned tensors live.
+    allow_download:
+        Try torchvision's download when no offline copy is found.
+    train_per_class, test_per_class:
+        Keep only the first this many images of each class (:func:`stratified_subset`).
+        ``None`` means all of them in full mode and :data:`SMOKE_TRAIN_PER_CLASS` /
+        :data:`SMOKE_TEST_PER_CLASS` (at most what the data has) in smoke mode.
+    verbose:
+        Print what was loaded from where (also logged at INFO level).
+
+    Returns
+    -------
+    CIFAR10Data
+        Train images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64, and the same for
+        the test split.
+    """
+    smoke = config.is_smoke() if smoke is None else smoke
+    explicit = root if root is not None else config.data_root()
+    folder = Path(explicit).expanduser() if explicit else user_cache_dir() / "data"
+    # Smoke-mode defaults are capped at what the data has; explicit sizes are not.
+    capped = {"train": smoke and train_per_class is None,
+              "test": smoke and test_per_class is None}
+    if capped["train"]:
+        train_per_class = SMOKE_TRAIN_PER_CLASS
+    if capped["test"]:
+        test_per_class = SMOKE_TEST_PER_CLASS
+
+    found = _find_offline_copy(folder)
+    download_error: Exception | None = None
+    if found is None and allow_download:
+        _say(f"No offline copy of CIFAR-10 under {folder}; trying torchvision's download",
+             verbose)
+        try:
+            _download(folder)
+        except Exception as error:  # no network, no torchvision, disk full, ...
+            download_error = error
+            _say(f"Download failed: {type(error).__name__}: {error}", verbose)
+        found = _find_offline_copy(folder)
+
+    if found is None:
+        reason = _how_to_get_cifar10(folder)
+        if download_error is not None:
+            reason += f"\nThe download failed with {type(download_error).__name__}: " \
+                      f"{download_error}"
+        elif not allow_download:
+            reason += "\n(allow_download=False: no download was tried.)"
+        if not smoke:
+            raise FileNotFoundError(reason) from download_error
+        _announce_synthetic(f"no CIFAR-10 under {folder}; using "
+                            f"{train_per_class}+{test_per_class} random images per class")
+        return synthetic_cifar10(train_per_class, test_per_class).to(device)
+
+    kind, where = found
+    wanted = {"train": train_per_class, "test": test_per_class}
+    if kind == "pickle":
+        splits = _read_pickle_folder(where)
+        is_jpeg = False
+        source = f"CIFAR-10 (torchvision, pickled batches at {where})"
+    else:
+        splits, is_jpeg = {}, False
+        for split in ("train", "test"):
+            images, labels, jpeg = _load_image_tree_split(where, split, wanted[split],
+                                                          capped[split], verbose)
+            splits[split] = (images, labels)
+            is_jpeg = is_jpeg or jpeg
+        kind_word = "JPEG copy of CIFAR-10" if is_jpeg else "CIFAR-10 (PNG copy)"
+        source = f"{kind_word} (image-folder tree at {where})"
+
+    subsets = []
+    for split in ("train", "test"):
+        images, labels = splits[split]
+        per_class = wanted[split]
+        if per_class is None:
+            continue
+        if capped[split]:
+            per_class = min(per_class, int(torch.bincount(labels, minlength=10).min()))
+        splits[split] = stratified_subset(images, labels, 10 * per_class)
+        subsets.append(f"{per_class} {split}")
+    if subsets:
+        source += f", first {' and '.join(subsets)} images per class"
+    data = CIFAR10Data(*splits["train"], *splits["test"], classes=CLASSES, source=source,
+                       is_synthetic=False, is_jpeg=is_jpeg)
+    _say(f"Loaded {data.train_images.shape[0]} training and {data.test_images.shape[0]} "
+         f"test images: {source}", verbose)
+    return data.to(device)
+
+
+# --------------------------------------------------------------------------------------
+# Batched transforms on the device
+# --------------------------------------------------------------------------------------
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] = CIFAR10_MEAN,
+              std: Sequence[float] = CIFAR10_STD) -> torch.Tensor:
+    """``(x / 255 - mean_c) / std_c`` per channel ``c``.
+
+    Parameters
+    ----------
+    images:
+        ``uint8`` in ``0..255``, or floating point already scaled to ``[0, 1]``;
+        shape ``(N, 3, H, W)`` (or ``(3, H, W)``).
+
+    Returns
+    -------
+    float32 tensor (or the input's floating dtype) of the same shape, on the same device.
+    """
+    if images.dtype == torch.uint8:
+        x = images.to(torch.float32) / 255
+    elif images.is_floating_point():
+        x = images
+    else:
+        raise TypeError(f"expected uint8 or floating images, got {images.dtype}")
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def crop_and_flip(images: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor,
+                  flip: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Pad by ``padding`` zeros, crop at per-image offsets, mirror where ``flip`` is set.
+
+    Output pixel ``(i, c, y, x)`` is ``padded[i, c, offset_y[i] + y, offset_x[i] + x']``
+    with ``x' = W - 1 - x`` where ``flip[i]`` and ``x' = x`` otherwise, so offsets
+    ``(padding, padding)`` without flip return the image unchanged. One gather, no loop.
+
+    Parameters
+    ----------
+    images:
+        Shape ``(N, C, H, W)``, any dtype.
+    offset_y, offset_x:
+        Integer tensors ``(N,)`` in ``0..2 * padding``.
+    flip:
+        Boolean tensor ``(N,)``.
+
+    Returns
+    -------
+    Tensor of the shape, dtype and device of ``images``.
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    rows = offset_y.to(device)[:, None] + torch.arange(h, device=device)  # (N, H)
+    cols = torch.arange(w, device=device).expand(n, w)
+    cols = torch.where(flip.to(device)[:, None], cols.flip(1), cols)
+    cols = offset_x.to(device)[:, None] + cols  # (N, W)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def augment(images: torch.Tensor, generator: torch.Generator | None = None, *,
+            padding: int = 4, flip_prob: float = 0.5) -> torch.Tensor:
+    """Standard CIFAR-10 augmentation: random crop of the zero-padded image, random flip.
+
+    Each image gets its own offsets, uniform in ``0..2 * padding`` (a shift of up to
+    ``padding`` pixels each way, the uncovered border filled with zeros, i.e. black for
+    ``uint8`` images), and is mirrored left-right with probability ``flip_prob``.
+    Runs on the images' device; the random numbers come from ``generator`` (on its own
+    device) or from the global generator of the images' device.
+
+    Parameters
+    ----------
+    images:
+        Shape ``(N, C, H, W)``, ``uint8`` or floating point. Augment before
+        :func:`normalize` so the padding is black.
+
+    Returns
+    -------
+    Tensor of the shape, dtype and device of ``images``.
+    """
+    n = images.shape[0]
+    device = generator.device if generator is not None else images.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=device)
+    flip = torch.rand(n, generator=generator, device=device) < flip_prob
+    return crop_and_flip(images, offsets[0], offsets[1], flip, padding)
+
+
+def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                    shuffle: bool = False, generator: torch.Generator | None = None,
+                    augment: bool = False,
+                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches ``(normalize(x), y)`` on the device of ``images``.
+
+    Parameters
+    ----------
+    images:
+        ``uint8`` ``(N, 3, H, W)``.
+    labels:
+        ``(N,)``.
+    shuffle:
+        Visit the images in a random order (from ``generator``) instead of in order.
+    augment:
+        Apply :func:`augment` (training); leave ``False`` at test time.
+    drop_last:
+        Skip a last batch smaller than ``batch_size``.
+
+    Yields
+    ------
+    (float32 ``(B, 3, H, W)``, labels ``(B,)``), ``B <= batch_size``.
+    """
+    n = images.shape[0]
+    if labels.shape[0] != n:
+        raise ValueError(f"{n} images but {labels.shape[0]} labels")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if shuffle:
+        device = generator.device if generator is not None else images.device
+        order = torch.randperm(n, generator=generator, device=device).to(images.device)
+    else:
+        order = None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        else:
+            index = order[start:start + batch_size]
+            x, y = images[index], labels[index.to(labels.device)]
+        if augment:
+            x = _random_crop_flip(x, generator)
+        yield normalize(x), y
+
+
+_random_crop_flip = augment  # iterate_batches' ``augment`` flag shadows the function

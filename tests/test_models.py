@@ -1,0 +1,81 @@
+"""Tests of the BayesianCNN assembly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout
+from bnn_course.models import BayesianCNN
+from bnn_course.seeding import seed_everything
+
+
+@pytest.fixture(scope="module")
+def model() -> BayesianCNN:
+    seed_everything(123)
+    return BayesianCNN()
+
+
+def test_output_is_normalised_log_probabilities(model) -> None:
+    x = torch.randn(4, 3, 32, 32)
+    for sample in (True, False):
+        log_probs = model(x, sample=sample)
+        assert log_probs.shape == (4, 10) and log_probs.dtype == torch.float32
+        torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(4))
+        assert torch.all(log_probs <= 0)
+
+
+def test_layers_and_kl_accounting(model) -> None:
+    layers = dict(model.bayesian_layers())
+    assert sum(isinstance(m, BayesianConv2dFlipout) for m in layers.values()) == 6
+    assert sum(isinstance(m, BayesianDenseFlipout) for m in layers.values()) == 2
+    total = sum(layer.kl_divergence() for layer in layers.values())
+    torch.testing.assert_close(model.kl_divergence(), total)
+    # Every learned tensor belongs to a Gaussian: as many log-sigmas as means.
+    names = [name for name, _ in model.named_parameters()]
+    assert len([n for n in names if n.endswith(".mu")]) == len(
+        [n for n in names if n.endswith(".log_sigma")])
+
+
+def test_stochastic_and_deterministic_modes(model) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x, sample=False), model(x, sample=False))
+    assert not torch.equal(model(x), model(x))
+
+
+def test_seeding_makes_forward_and_backward_repeatable() -> None:
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        seed_everything(7)
+        model = BayesianCNN(channels=(8, 16), hidden_features=32)
+        x = torch.randn(3, 3, 32, 32)
+        loss = -model(x)[:, 0].mean() + model.kl_divergence() / 1000
+        loss.backward()
+        return model(x).detach(), model.hidden.weight_posterior.log_sigma.grad.clone()
+
+    (out_a, grad_a), (out_b, grad_b) = run(), run()
+    assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+
+
+def test_configurable_shape_and_options() -> None:
+    model = BayesianCNN(num_classes=5, in_channels=1, image_size=28, channels=(4, 8),
+                        hidden_features=16, init_log_sigma=-3.0, parametrization="softplus")
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 5)
+    torch.testing.assert_close(model.classifier.weight_sigma,
+                               torch.full((5, 16), torch.exp(torch.tensor(-3.0)).item()))
+
+
+def test_bad_input_names_the_expected_shape(model) -> None:
+    with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
+        model(torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="divisible"):
+        BayesianCNN(image_size=30)
+
+
+def test_autocast_keeps_log_probabilities_and_kl_in_float32(model) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs = model(torch.randn(2, 3, 32, 32))
+        kl = model.kl_divergence()
+    assert log_probs.dtype == torch.float32 and kl.dtype == torch.float32
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2))
