@@ -8,5 +8,6 @@ inherit it. ``setdefault`` lets a maintainer execute the book in full mode with
 import os
 
 os.environ.setdefault("BNN_COURSE_SMOKE", "1")
-# Headless plotting in tests and notebook kernels.
-os.environ.setdefault("MPLBACKEND", "Agg")
+# No MPLBACKEND here: notebook kernels inherit the environment, and under Agg they would
+# produce no figure outputs. Kernels pick the inline backend themselves; tests that plot
+# choose Agg locally.

@@ -31,11 +31,13 @@ _FALSE = {"0", "false", "no", "off", ""}
 BUDGETS: MappingProxyType = MappingProxyType(
     {
         "weights": {
-            "full": {"num_samples": 20_000, "num_init_trials": 200},
-            "smoke": {"num_samples": 500, "num_init_trials": 5},
+            "full": {"num_samples": 20_000, "num_inputs": 32, "num_passes": 40,
+                     "num_init_trials": 8},
+            "smoke": {"num_samples": 500, "num_inputs": 4, "num_passes": 2,
+                      "num_init_trials": 1},
         },
         "elbo": {
-            "full": {"num_train": 512, "steps": 2500, "num_predictive_samples": 200,
+            "full": {"num_train": 512, "steps": 2000, "num_predictive_samples": 200,
                      "num_kl_check": 20_000},
             "smoke": {"num_train": 32, "steps": 30, "num_predictive_samples": 10,
                       "num_kl_check": 500},

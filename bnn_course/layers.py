@@ -50,7 +50,7 @@ class _BayesianLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        r"""Means as in ``nn.Linear``/``nn.Conv2d``, every :math:`\sigma = e^{\text{init\_log\_sigma}}`.
+        r"""Means as in ``nn.Linear``/``nn.Conv2d``; every :math:`\sigma` at its initial value.
 
         Weight means: Kaiming-uniform with :math:`a = \sqrt5`, i.e. uniform on
         :math:`\pm 1/\sqrt{\text{fan\_in}}`; bias means: uniform on the same interval.

@@ -23,6 +23,13 @@ from torch import nn
 from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout, _BayesianLayer
 
 
+def _check_images(x: torch.Tensor, in_channels: int, image_size: int, name: str) -> None:
+    expected = (in_channels, image_size, image_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"{name} expects images of shape (batch, {expected[0]}, "
+                         f"{expected[1]}, {expected[2]}), got {tuple(x.shape)}")
+
+
 class BayesianCNN(nn.Module):
     """A convolutional classifier whose every weight and bias is a Gaussian.
 
@@ -83,10 +90,7 @@ class BayesianCNN(nn.Module):
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Log-probabilities (B, num_classes); ``sample=False`` uses the posterior means."""
-        expected = (self.in_channels, self.image_size, self.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"BayesianCNN expects images of shape (batch, {expected[0]}, "
-                             f"{expected[1]}, {expected[2]}), got {tuple(x.shape)}")
+        _check_images(x, self.in_channels, self.image_size, type(self).__name__)
         for index, conv in enumerate(self.convs):
             x = F.relu(conv(x, sample=sample))
             if index % 2 == 1:  # end of a block of two convolutions
@@ -105,3 +109,56 @@ class BayesianCNN(nn.Module):
     def kl_divergence(self) -> torch.Tensor:
         """Sum of the layers' closed-form KL divergences; a float32 scalar."""
         return torch.stack([layer.kl_divergence() for _, layer in self.bayesian_layers()]).sum()
+
+
+class DeterministicCNN(nn.Module):
+    """The deterministic twin of :class:`BayesianCNN`: same layers, point-estimate weights.
+
+    Same constructor arguments (minus the Bayesian ones) and the same interface:
+    ``forward(x, sample=...)`` ignores ``sample`` and :meth:`kl_divergence` is zero, so the
+    training engine treats both networks alike. Used as the baseline of every comparison.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        channels: Sequence[int] = (32, 64, 128),
+        hidden_features: int = 256,
+    ) -> None:
+        super().__init__()
+        downsampling = 2 ** len(channels)
+        if image_size % downsampling:
+            raise ValueError(f"image_size ({image_size}) must be divisible by "
+                             f"2**len(channels) = {downsampling}")
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.image_size = int(image_size)
+        convs: list[nn.Conv2d] = []
+        previous = self.in_channels
+        for width in channels:
+            convs.append(nn.Conv2d(previous, width, 3, padding=1))
+            convs.append(nn.Conv2d(width, width, 3, padding=1))
+            previous = width
+        self.convs = nn.ModuleList(convs)
+        self.hidden = nn.Linear(previous * (image_size // downsampling) ** 2, hidden_features)
+        self.classifier = nn.Linear(hidden_features, num_classes)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Log-probabilities (B, num_classes); ``sample`` is accepted and ignored."""
+        _check_images(x, self.in_channels, self.image_size, type(self).__name__)
+        for index, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if index % 2 == 1:
+                x = F.max_pool2d(x, 2)
+        x = F.relu(self.hidden(torch.flatten(x, 1)))
+        return F.log_softmax(self.classifier(x).float(), dim=-1)
+
+    def bayesian_layers(self) -> Iterator[tuple[str, _BayesianLayer]]:
+        """No Bayesian layers: an empty iterator."""
+        return iter(())
+
+    def kl_divergence(self) -> torch.Tensor:
+        """Zero: point estimates carry no KL term."""
+        return torch.zeros((), device=self.classifier.weight.device)

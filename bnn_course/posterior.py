@@ -38,7 +38,7 @@ PARAMETRIZATIONS = ("log", "softplus")
 def gaussian_kl_divergence(
     mu: torch.Tensor, sigma: torch.Tensor, prior_sigma: float
 ) -> torch.Tensor:
-    r"""Closed-form :math:`\sum_i \mathrm{KL}(\mathcal{N}(\mu_i, \sigma_i^2)\,\|\,\mathcal{N}(0, s^2))`.
+    r"""Closed-form :math:`\sum_i \mathrm{KL}(\mathcal{N}(\mu_i,\sigma_i^2) \| \mathcal{N}(0,s^2))`.
 
     Parameters
     ----------

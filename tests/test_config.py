@@ -60,7 +60,7 @@ def test_data_root(monkeypatch, tmp_path) -> None:
 def test_seed_everything_repeats_every_generator() -> None:
     def draw() -> tuple:
         generator = seed_everything(42)
-        return (random.random(), np.random.rand(), torch.rand(1).item(),
+        return (random.random(), np.random.rand(), torch.rand(1).item(),  # noqa: NPY002
                 torch.rand(1, generator=generator).item())
 
     assert draw() == draw()

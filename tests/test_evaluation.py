@@ -1,0 +1,75 @@
+"""Monte Carlo prediction and its summaries (bnn_course.evaluation)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bnn_course.evaluation import (
+    accuracy_against_num_samples,
+    classification_summary,
+    evaluate,
+    mc_log_predictive,
+    predict_log_probs,
+)
+from bnn_course.models import BayesianCNN
+from bnn_course.seeding import seed_everything
+
+
+def test_mc_predictive_averages_probabilities_not_logits() -> None:
+    # Two samples: one sure of class 0, one sure of class 1. Averaging probabilities gives
+    # (0.5, 0.5); averaging log-probabilities would pick neither with the same weights.
+    sure = torch.tensor([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]]).log()
+    predictive = mc_log_predictive(sure[:, None, :])  # (S=2, N=1, K=3)
+    torch.testing.assert_close(predictive.exp()[0], torch.tensor([0.495, 0.495, 0.01]))
+    geometric = sure.mean(0).softmax(-1)
+    assert not torch.allclose(geometric, predictive.exp()[0], atol=1e-2)
+
+
+def test_summary_on_a_known_case() -> None:
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25]])
+    labels = torch.tensor([0, 1, 0])
+    summary = classification_summary(probs.log(), labels)
+    assert summary["accuracy"] == pytest.approx(2 / 3)
+    expected_nll = -(math.log(0.7) + math.log(0.1) + math.log(0.5)) / 3
+    assert summary["nll"] == pytest.approx(expected_nll, rel=1e-6)
+    expected_entropy = float(-(probs * probs.log()).sum(-1).mean())
+    assert summary["entropy"] == pytest.approx(expected_entropy, rel=1e-6)
+
+
+def test_accuracy_against_num_samples_matches_direct_computation() -> None:
+    seed_everything(123)
+    samples = torch.randn(8, 50, 10).log_softmax(-1)
+    labels = torch.randint(0, 10, (50,))
+    curve = accuracy_against_num_samples(samples, labels, [1, 3, 8])
+    for count, accuracy in curve.items():
+        direct = (samples[:count].exp().mean(0).argmax(-1) == labels).float().mean().item()
+        assert accuracy == pytest.approx(direct)
+    with pytest.raises(ValueError, match="outside"):
+        accuracy_against_num_samples(samples, labels, [9])
+
+
+def test_evaluate_on_a_model() -> None:
+    seed_everything(123)
+    model = BayesianCNN(channels=(4, 8), hidden_features=16)
+    images = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (30,))
+    mean_log_probs, samples = predict_log_probs(model, images, num_samples=3, batch_size=7)
+    assert mean_log_probs.shape == (30, 10) and samples.shape == (3, 30, 10)
+    torch.testing.assert_close(samples.exp().sum(-1), torch.ones(3, 30))
+    result = evaluate(model, images, labels, num_samples=3)
+    assert set(result) == {f"{m}_{k}" for m in ("accuracy", "nll", "entropy")
+                           for k in ("mean", "mc")}
+    assert 0 <= result["accuracy_mc"] <= 1 and result["nll_mean"] > 0
+    assert model.training, "evaluation must restore the training mode"
+    assert set(evaluate(model, images, labels, num_samples=0)) == {
+        "accuracy_mean", "nll_mean", "entropy_mean"}
+
+
+def test_bad_input_raises() -> None:
+    with pytest.raises(ValueError, match=r"\(S >= 1, N, K\)"):
+        mc_log_predictive(torch.zeros(0, 3, 10))
+    with pytest.raises(ValueError, match="labels"):
+        classification_summary(torch.zeros(4, 10), torch.zeros(5, dtype=torch.long))

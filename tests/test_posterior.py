@@ -1,0 +1,261 @@
+"""Tests of bnn_course.posterior: the closed-form KL, sampling, parametrisations, errors.
+
+Statistical tests use fixed seeds and tolerances of five standard errors computed from the
+sample size, so they fail when the math is wrong, not by bad luck.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from bnn_course.posterior import PARAMETRIZATIONS, GaussianPosterior, gaussian_kl_divergence
+
+PRIOR_SIGMAS = (0.1, 0.5, 1.0, 3.0)
+
+
+def _reference_kl(mu: torch.Tensor, sigma: torch.Tensor, prior_sigma: float) -> torch.Tensor:
+    """KL summed over elements, by torch.distributions, in float64."""
+    q = Normal(mu.double(), sigma.double())
+    p = Normal(torch.zeros((), dtype=torch.float64), torch.tensor(prior_sigma, dtype=torch.float64))
+    return kl_divergence(q, p).sum()
+
+
+def _random_mu_sigma(seed: int, shape: tuple[int, ...] = (40, 7)) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    mu = 0.7 * torch.randn(shape, generator=generator)
+    sigma = torch.exp(torch.randn(shape, generator=generator) - 1.0)  # roughly 0.05 .. 2
+    return mu, sigma
+
+
+def _posterior_with(mu: torch.Tensor, sigma: torch.Tensor, parametrization: str
+                    ) -> GaussianPosterior:
+    posterior = GaussianPosterior(tuple(mu.shape), parametrization=parametrization)
+    with torch.no_grad():
+        posterior.mu.copy_(mu)
+        if parametrization == "log":
+            posterior.log_sigma.copy_(sigma.log())
+        else:
+            posterior.rho.copy_(torch.expm1(sigma.double()).log().float())  # inverse softplus
+    return posterior
+
+
+# --------------------------------------------------------------------------- the KL
+
+
+@pytest.mark.parametrize("prior_sigma", PRIOR_SIGMAS)
+def test_gaussian_kl_matches_torch_distributions(prior_sigma: float) -> None:
+    mu, sigma = _random_mu_sigma(seed=0)
+    expected = _reference_kl(mu, sigma, prior_sigma)
+    got = gaussian_kl_divergence(mu, sigma, prior_sigma)
+    assert got.shape == ()
+    # float32 arithmetic on 280 terms: a relative error of a few 1e-7 per term.
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("prior_sigma", PRIOR_SIGMAS)
+def test_posterior_kl_matches_torch_distributions(parametrization: str, prior_sigma: float
+                                                  ) -> None:
+    mu, sigma = _random_mu_sigma(seed=1)
+    posterior = _posterior_with(mu, sigma, parametrization)
+    torch.testing.assert_close(posterior.sigma, sigma, rtol=1e-5, atol=0)
+    expected = _reference_kl(posterior.mu.detach(), posterior.sigma.detach(), prior_sigma)
+    got = posterior.kl_divergence(prior_sigma)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kl_of_a_single_weight_by_hand() -> None:
+    # log(s/sigma) + (sigma^2 + mu^2) / (2 s^2) - 1/2 with mu=1, sigma=0.5, s=2
+    expected = math.log(2 / 0.5) + (0.25 + 1.0) / 8 - 0.5
+    got = gaussian_kl_divergence(torch.tensor([1.0]), torch.tensor([0.5]), 2.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("prior_sigma", PRIOR_SIGMAS)
+def test_kl_is_zero_when_q_equals_the_prior(prior_sigma: float) -> None:
+    mu = torch.zeros(30, 4)
+    sigma = torch.full((30, 4), prior_sigma)
+    assert abs(gaussian_kl_divergence(mu, sigma, prior_sigma).item()) < 1e-5
+    posterior = GaussianPosterior((30, 4), init_log_sigma=math.log(prior_sigma))
+    assert abs(posterior.kl_divergence(prior_sigma).item()) < 1e-5
+
+
+@pytest.mark.parametrize("prior_sigma", PRIOR_SIGMAS)
+def test_kl_is_positive_and_grows_away_from_the_prior(prior_sigma: float) -> None:
+    sigma = torch.full((10,), prior_sigma)
+    kls = [gaussian_kl_divergence(torch.full((10,), m), sigma, prior_sigma).item()
+           for m in (0.0, 0.1, 1.0)]
+    assert kls[0] < kls[1] < kls[2]
+    mu, sigma = _random_mu_sigma(seed=2)
+    assert gaussian_kl_divergence(mu, sigma, prior_sigma).item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_kl_is_float32_for_other_input_dtypes(dtype: torch.dtype) -> None:
+    mu, sigma = _random_mu_sigma(seed=3)
+    mu, sigma = mu.to(dtype), sigma.to(dtype)
+    got = gaussian_kl_divergence(mu, sigma, 1.0)
+    assert got.dtype == torch.float32
+    # Compared with the exact KL of the (already rounded) low-precision values.
+    expected = _reference_kl(mu, sigma, 1.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_kl_is_float32_under_bfloat16_autocast(parametrization: str) -> None:
+    mu, sigma = _random_mu_sigma(seed=4)
+    posterior = _posterior_with(mu, sigma, parametrization)
+    expected = _reference_kl(posterior.mu.detach(), posterior.sigma.detach(), 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from_posterior = posterior.kl_divergence(0.5)
+        from_function = gaussian_kl_divergence(mu, sigma, 0.5)
+    for got in (from_posterior, from_function):
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kl_gradients_match_the_closed_form() -> None:
+    # d KL / d mu = mu / s^2 and d KL / d log sigma = sigma^2 / s^2 - 1
+    mu, sigma = _random_mu_sigma(seed=5)
+    posterior = _posterior_with(mu, sigma, "log")
+    prior_sigma = 0.8
+    posterior.kl_divergence(prior_sigma).backward()
+    torch.testing.assert_close(posterior.mu.grad, mu / prior_sigma**2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(posterior.log_sigma.grad, sigma**2 / prior_sigma**2 - 1,
+                               rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_samples_have_the_posterior_mean_and_std(parametrization: str) -> None:
+    torch.manual_seed(0)
+    mu = torch.tensor([-2.0, -0.5, 0.0, 0.3, 4.0])
+    sigma = torch.tensor([0.01, 0.1, 1.0, 2.0, 0.5])
+    posterior = _posterior_with(mu, sigma, parametrization)
+    n = 20_000
+    with torch.no_grad():
+        samples = torch.stack([posterior.sample() for _ in range(n)]).double()
+    mean, std = samples.mean(0), samples.std(0)
+    # Standard errors: sigma / sqrt(n) for the mean, about sigma / sqrt(2n) for the std.
+    assert torch.all((mean - mu.double()).abs() < 5 * sigma / math.sqrt(n))
+    assert torch.all((std - sigma.double()).abs() < 5 * sigma / math.sqrt(2 * n))
+    # Independent weights: sample correlations within 5 / sqrt(n) of zero.
+    correlation = torch.corrcoef(samples.T)
+    off_diagonal = correlation[~torch.eye(5, dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 5 / math.sqrt(n)
+
+
+def test_each_sample_is_fresh_and_perturbation_is_centred() -> None:
+    torch.manual_seed(1)
+    posterior = GaussianPosterior((1000,), init_log_sigma=0.0)
+    with torch.no_grad():
+        posterior.mu.fill_(3.0)
+        first, second = posterior.sample(), posterior.sample()
+        delta = posterior.perturbation()
+    assert not torch.equal(first, second)
+    # 1000 draws of N(0, 1): mean within 5 / sqrt(1000), std within 5 / sqrt(2000) of 1.
+    assert abs(delta.mean().item()) < 5 / math.sqrt(1000)
+    assert abs(delta.std().item() - 1.0) < 5 / math.sqrt(2000)
+
+
+# --------------------------------------------------------------------------- parametrisations
+
+
+@pytest.mark.parametrize("init_log_sigma", [-8.0, -5.0, -3.0, -1.0, 0.0, 2.0])
+def test_both_parametrisations_start_at_the_same_sigma(init_log_sigma: float) -> None:
+    log_posterior = GaussianPosterior((3, 4), init_log_sigma, "log")
+    softplus_posterior = GaussianPosterior((3, 4), init_log_sigma, "softplus")
+    expected = torch.full((3, 4), math.exp(init_log_sigma))
+    torch.testing.assert_close(log_posterior.sigma, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(softplus_posterior.sigma, expected, rtol=1e-5, atol=0)
+    assert torch.all(softplus_posterior.mu == 0) and torch.all(log_posterior.mu == 0)
+    assert hasattr(log_posterior, "log_sigma") and not hasattr(log_posterior, "rho")
+    assert hasattr(softplus_posterior, "rho") and not hasattr(softplus_posterior, "log_sigma")
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_sigma_is_positive_and_finite_for_any_raw_parameter(parametrization: str) -> None:
+    posterior = GaussianPosterior((7,), parametrization=parametrization)
+    raw = posterior.log_sigma if parametrization == "log" else posterior.rho
+    with torch.no_grad():
+        raw.copy_(torch.tensor([-50.0, -20.0, -5.0, 0.0, 5.0, 20.0, 50.0]))
+    sigma = posterior.sigma
+    assert torch.all(sigma > 0) and torch.all(torch.isfinite(sigma))
+    assert torch.all(sigma[1:] > sigma[:-1])  # increasing in the raw parameter
+
+
+def test_softplus_parameter_matches_its_definition() -> None:
+    posterior = GaussianPosterior((5,), parametrization="softplus")
+    rho = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])
+    with torch.no_grad():
+        posterior.rho.copy_(rho)
+    torch.testing.assert_close(posterior.sigma, torch.log1p(torch.exp(rho)))
+
+
+def test_reset_sigma_restores_the_initial_value() -> None:
+    for parametrization in PARAMETRIZATIONS:
+        posterior = GaussianPosterior((4,), init_log_sigma=-2.0, parametrization=parametrization)
+        raw = posterior.log_sigma if parametrization == "log" else posterior.rho
+        with torch.no_grad():
+            raw.add_(1.0)
+        posterior.reset_sigma()
+        torch.testing.assert_close(posterior.sigma, torch.full((4,), math.exp(-2.0)),
+                                   rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_gradients_reach_mu_and_sigma_parameter_through_sample(parametrization: str) -> None:
+    torch.manual_seed(2)
+    posterior = GaussianPosterior((6, 3), init_log_sigma=-1.0, parametrization=parametrization)
+    with torch.no_grad():
+        posterior.mu.normal_()
+    w = posterior.sample()
+    w.sum().backward()
+    # w = mu + sigma * eps: dw/dmu = 1; eps = (w - mu) / sigma is the noise that was drawn.
+    torch.testing.assert_close(posterior.mu.grad, torch.ones(6, 3))
+    eps = ((w - posterior.mu) / posterior.sigma).detach()
+    if parametrization == "log":
+        # d sigma / d log_sigma = sigma, so d w / d log_sigma = sigma * eps = w - mu.
+        torch.testing.assert_close(posterior.log_sigma.grad, eps * posterior.sigma.detach())
+    else:
+        # d softplus(rho) / d rho = sigmoid(rho).
+        torch.testing.assert_close(posterior.rho.grad, eps * torch.sigmoid(posterior.rho.detach()))
+    assert posterior.mu.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("prior_sigma", [0.0, -1.0])
+def test_non_positive_prior_sigma_is_an_error(prior_sigma: float) -> None:
+    with pytest.raises(ValueError, match="prior_sigma"):
+        gaussian_kl_divergence(torch.zeros(3), torch.ones(3), prior_sigma)
+    with pytest.raises(ValueError, match="prior_sigma"):
+        GaussianPosterior((3,)).kl_divergence(prior_sigma)
+
+
+def test_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        gaussian_kl_divergence(torch.zeros(3, 2), torch.ones(2, 3), 1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        gaussian_kl_divergence(torch.zeros(3), torch.ones(()), 1.0)
+
+
+def test_unknown_parametrization_is_an_error() -> None:
+    with pytest.raises(ValueError, match="parametrization"):
+        GaussianPosterior((3,), parametrization="exp")
+
+
+def test_extra_repr_names_the_settings() -> None:
+    text = repr(GaussianPosterior((2, 3), init_log_sigma=-4.0, parametrization="softplus"))
+    assert "shape=(2, 3)" in text and "'softplus'" in text and "init_log_sigma=-4.0" in text

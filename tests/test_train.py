@@ -1,0 +1,184 @@
+"""The training engine and its command line (bnn_course.train).
+
+Small networks on the synthetic stand-in keep these tests to seconds on a CPU. A real-data
+test runs only when ``BNN_COURSE_DATA`` names a CIFAR-10 copy (``.ci/run`` extracts one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bnn_course import config as run_config
+from bnn_course.data import load_cifar10, synthetic_cifar10
+from bnn_course.train import (
+    CheckpointError,
+    TrainConfig,
+    TrainingDiverged,
+    kl_term,
+    load_checkpoint,
+    load_trained_model,
+    main,
+    save_checkpoint,
+    train,
+)
+
+TINY = {"channels": (4, 8), "hidden_features": 16, "batch_size": 32, "device": "cpu",
+        "progress": False, "epoch_eval_samples": 2, "eval_samples": 2}
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return synthetic_cifar10(train_per_class=12, test_per_class=4, seed=1)
+
+
+def test_kl_term_scaling() -> None:
+    kl = torch.tensor(5000.0)
+    assert kl_term(kl, TrainConfig(), num_train=1000, warmup=1.0).item() == pytest.approx(5.0)
+    weighted = TrainConfig(kl_weight=0.1)
+    assert kl_term(kl, weighted, num_train=1000, warmup=0.5).item() == pytest.approx(0.25)
+    assert kl_term(kl, TrainConfig(kl_scaling="none"), 1000, 1.0).item() == 5000.0
+
+
+def test_loss_terms_are_logged_and_kl_is_per_example(tiny_data) -> None:
+    result = train(TrainConfig(epochs=1, **TINY), tiny_data, log=quiet)
+    record = result.history[0]
+    assert record["kl_term"] == pytest.approx(record["kl"] / 120, rel=1e-5)
+    assert set(record["sigma"]) == {name for name, _ in result.model.bayesian_layers()}
+    assert record["images_per_second"] > 0 and math.isfinite(record["nll"])
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path) -> None:
+    config = TrainConfig(epochs=3, kl_warmup_epochs=1.5, **TINY)
+    uninterrupted = train(config, tiny_data, out_dir=tmp_path / "a", log=quiet)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch: int, _: dict) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, tiny_data, out_dir=tmp_path / "b", on_epoch_end=stop_after_first_epoch,
+              log=quiet)
+    resumed = train(config, tiny_data, out_dir=tmp_path / "b", resume=True, log=quiet)
+    for (name, a), (_, b) in zip(uninterrupted.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+    assert [r["nll"] for r in resumed.history] == [r["nll"] for r in uninterrupted.history]
+
+
+def test_resume_refuses_another_configuration(tiny_data, tmp_path) -> None:
+    train(TrainConfig(epochs=1, **TINY), tiny_data, out_dir=tmp_path, log=quiet)
+    with pytest.raises(CheckpointError, match="lr"):
+        train(TrainConfig(epochs=1, **{**TINY, "lr": 0.5}), tiny_data, out_dir=tmp_path,
+              resume=True, log=quiet)
+
+
+def test_divergence_stops_training_with_causes(tiny_data) -> None:
+    # sigma = e^30: the first sampled pass overflows to inf/NaN.
+    config = TrainConfig(epochs=1, init_log_sigma=30.0, **TINY)
+    with pytest.raises(TrainingDiverged, match="learning rate.*sigma"):
+        train(config, tiny_data, log=quiet)
+
+
+def test_checkpoint_is_written_atomically_and_damage_is_reported(tmp_path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": "bnn_course.checkpoint", "version": 1, "x": 1})
+    good = path.read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    class Exploding:
+        def __reduce__(self):
+            raise Boom
+
+    with pytest.raises(Boom):
+        save_checkpoint(path, {"format": "bnn_course.checkpoint", "payload": Exploding()})
+    assert path.read_bytes() == good, "a failed write must leave the old checkpoint intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_checkpoint(path)
+    torch.save({"some": "thing"}, path)
+    with pytest.raises(CheckpointError, match="not a bnn_course"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path) -> None:
+    train(TrainConfig(epochs=1, **TINY), tiny_data, out_dir=tmp_path, log=quiet)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["config"]["hidden_features"] = 32  # the stored weights are still 16 wide
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_trained_model(tmp_path / "checkpoint.pt")
+
+
+def test_seeded_cpu_runs_are_identical(tiny_data) -> None:
+    first = train(TrainConfig(epochs=1, seed=3, **TINY), tiny_data, log=quiet)
+    second = train(TrainConfig(epochs=1, seed=3, **TINY), tiny_data, log=quiet)
+    assert first.history[0]["nll"] == second.history[0]["nll"]
+    assert first.final == second.final
+
+
+def test_invalid_configuration_is_an_error() -> None:
+    with pytest.raises(ValueError, match="kl_scaling"):
+        TrainConfig(kl_scaling="sum")
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1.0)
+
+
+def test_command_line_end_to_end_in_smoke_mode(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(run_config.DATA_ENV, str(tmp_path / "nothing-here"))
+    monkeypatch.setattr("bnn_course.data._download", lambda root: (_ for _ in ()).throw(
+        OSError("no network in tests")))
+    out = tmp_path / "run"
+    document = main(["--smoke", "--epochs", "1", "--batch-size", "64", "--train-subset", "200",
+                     "--eval-samples", "2", "--epoch-eval-samples", "1", "--device", "cpu",
+                     "--channels", "4,8", "--hidden-features", "16",
+                     "--no-progress", "--out", str(out)])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(document))
+    assert saved["provenance"]["mode"] == "smoke"
+    assert saved["provenance"]["data_is_synthetic"] is True
+    assert saved["config"]["train_subset"] == 200 and len(saved["history"]) == 1
+    assert saved["config"]["channels"] == [4, 8]
+    assert 0 <= saved["final"]["test_accuracy_mc"] <= 1
+    model, state = load_trained_model(out / "checkpoint.pt")
+    assert state["epoch"] == 1 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_help_documents_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--epochs", "--batch-size", "--lr", "--kl-weight", "--train-subset",
+                 "--device", "--seed", "--out", "--resume", "--smoke"):
+        assert flag in text
+
+
+@pytest.mark.skipif(run_config.data_root() is None,
+                    reason="BNN_COURSE_DATA does not name a CIFAR-10 copy")
+def test_real_cifar10_clearly_beats_chance_on_cpu() -> None:
+    """A short CPU budget on real CIFAR-10: 2,000 images, 3 epochs. Chance is 10%; with
+    1,000 test images its standard error is 0.95 points, so 20% is >10 standard errors."""
+    data = load_cifar10(run_config.data_root(), smoke=False, allow_download=False,
+                        test_per_class=100)
+    assert not data.is_synthetic
+    config = TrainConfig(epochs=3, train_subset=2000, batch_size=64, lr=2e-3,
+                         channels=(16, 32, 64), hidden_features=128, device="cpu",
+                         progress=False, epoch_eval_samples=0, eval_samples=4)
+    result = train(config, data, log=quiet)
+    assert result.final["accuracy_mean"] > 0.2, result.final
