@@ -58,8 +58,9 @@ def gaussian_kl_divergence(
         raise ValueError(f"mu and sigma must have the same shape, got {tuple(mu.shape)} "
                          f"and {tuple(sigma.shape)}")
     mu32, sigma32 = mu.float(), sigma.float()
-    variance_ratio = (sigma32 / prior_sigma) ** 2
-    kl = 0.5 * (variance_ratio + (mu32 / prior_sigma) ** 2 - 1.0 - torch.log(variance_ratio))
+    ratio = sigma32 / prior_sigma
+    # log(ratio) rather than log(ratio**2): the square underflows for sigma/s < 1e-19.
+    kl = 0.5 * (ratio**2 + (mu32 / prior_sigma) ** 2 - 1.0) - torch.log(ratio)
     return kl.sum()
 
 

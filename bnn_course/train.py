@@ -88,6 +88,7 @@ class TrainConfig:
     epoch_eval_samples: int = 4
     eval_samples: int = 20
     seed: int = 0
+    log_interval: int = 50
     device: str = "auto"
     amp: bool = True
     compile: bool = False
@@ -108,11 +109,23 @@ class TrainConfig:
             "train_subset": self.train_subset is None or self.train_subset >= 10,
             "epoch_eval_samples": self.epoch_eval_samples >= 0,
             "eval_samples": self.eval_samples >= 0,
+            "log_interval": self.log_interval >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid training configuration: " + ", ".join(
                 f"{name}={getattr(self, name)!r}" for name in bad))
+
+
+# Named starting points for the command line (``--recipe``); explicit flags override them.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The book's working recipe: the TrainConfig defaults.
+    "default": {},
+    # The reconstructed first attempt that stayed at 10% (chapter 7): the KL summed over all
+    # weights and added unscaled to the mean NLL, and every log-sigma initialised at 0
+    # (sigma = 1, the prior's scale), with a constant learning rate.
+    "seed": {"kl_scaling": "none", "init_log_sigma": 0.0, "schedule": "constant"},
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -305,8 +318,9 @@ def train(
         augmented batches), ``test_accuracy_mean``/``test_nll_mean`` (posterior means),
         ``test_accuracy_mc``/``test_nll_mc``/``test_entropy_mc`` (``epoch_eval_samples``
         samples), ``sigma`` (mean weight sigma per layer), ``images_per_second``, ``lr``,
-        ``seconds``. ``final`` is :func:`~bnn_course.evaluation.evaluate` with
-        ``eval_samples`` samples.
+        ``seconds``, and ``steps``: the NLL, KL and KL term of every ``log_interval``-th
+        step (the batch's values, for the loss decomposition). ``final`` is
+        :func:`~bnn_course.evaluation.evaluate` with ``eval_samples`` samples.
     """
     device = select_device(config.device)
     generator = seed_everything(config.seed)
@@ -351,6 +365,7 @@ def train(
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, correct, steps
         kl_value = torch.zeros((), device=device)
         kl_scaled = torch.zeros((), device=device)
+        step_log: list[dict[str, float]] = []
         bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
                             config.progress)
         if device.type == "cuda":
@@ -377,9 +392,12 @@ def train(
                 sums += torch.stack([nll.detach().double() * y.shape[0],
                                      (log_probs.argmax(-1) == y).sum().double(),
                                      loss.detach().double()])
-            # One device sync every 50 steps: check finiteness and refresh the bar.
-            if index % 50 == 49 or index == steps_per_epoch - 1:
+            # One device sync every log_interval steps: check finiteness, log the two loss
+            # terms of this step, refresh the bar.
+            if (index + 1) % config.log_interval == 0 or index == steps_per_epoch - 1:
                 summary = sums.tolist()
+                step_log.append({"step": step + 1, "nll": nll.item(), "kl": kl_value.item(),
+                                 "kl_term": kl_scaled.item()})
                 if not math.isfinite(summary[2]):
                     if bar is not None:
                         bar.close()
@@ -414,6 +432,7 @@ def train(
             "images_per_second": num_train / seconds,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds,
+            "steps": step_log,
         }
         history.append(record)
         log(f"epoch {epoch + 1:3d}/{config.epochs}  nll {record['nll']:.4f}  "
@@ -501,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the BayesianCNN (or its deterministic twin) on CIFAR-10 with the "
                     "per-example ELBO; writes OUT/metrics.json and OUT/checkpoint.pt.")
     add = parser.add_argument
+    add("--recipe", choices=sorted(RECIPES), default="default",
+        help="a named configuration; 'seed' is the reconstructed failing first attempt "
+             "(unscaled KL, log-sigma initialised at 0). Flags given explicitly override "
+             "the recipe (default: %(default)s)")
     add("--data", default=None,
         help="folder with CIFAR-10 (cifar-10-batches-py or an image-folder tree train/, "
              "test/); default: $BNN_COURSE_DATA, else ~/.cache/bnn_course/data (downloaded "
@@ -530,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="width of the hidden dense layer (default: %(default)s)")
     add("--train-subset", type=int, default=None, metavar="N",
         help="train on the first N training images, N/10 per class")
+    add("--test-subset", type=int, default=None, metavar="N",
+        help="evaluate on the first N test images, N/10 per class (default: all)")
     add("--no-augment", action="store_true", help="no random crops and flips")
     add("--eval-samples", type=int, default=defaults.eval_samples,
         help="posterior samples for the final MC evaluation (default: %(default)s)")
@@ -551,7 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point of ``python -m bnn_course.train``; returns the metrics document."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    recipe, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**RECIPES[recipe.recipe])
+    args = parser.parse_args(argv)
     config = TrainConfig(
         model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         schedule=args.schedule, kl_weight=args.kl_weight, kl_scaling=args.kl_scaling,
@@ -563,8 +591,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         amp=not args.no_amp, compile=args.compile, progress=not args.no_progress)
     smoke = bool(args.smoke)
     data = load_cifar10(args.data, smoke=smoke)
+    if args.test_subset is not None:
+        test_images, test_labels = stratified_subset(data.test_images, data.test_labels,
+                                                     args.test_subset)
+        data = dataclasses.replace(data, test_images=test_images, test_labels=test_labels)
     result = train(config, data, out_dir=args.out, resume=args.resume)
     document = metrics_document(result, data, smoke)
+    document["recipe"] = args.recipe
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     temporary = out / (METRICS_NAME + ".tmp")

@@ -48,10 +48,13 @@ def test_kl_term_scaling() -> None:
 
 
 def test_loss_terms_are_logged_and_kl_is_per_example(tiny_data) -> None:
-    result = train(TrainConfig(epochs=1, **TINY), tiny_data, log=quiet)
+    result = train(TrainConfig(epochs=1, log_interval=2, **TINY), tiny_data, log=quiet)
     record = result.history[0]
     assert record["kl_term"] == pytest.approx(record["kl"] / 120, rel=1e-5)
     assert set(record["sigma"]) == {name for name, _ in result.model.bayesian_layers()}
+    steps = record["steps"]  # 120 images / 32 per batch = 4 steps, logged every 2
+    assert [s["step"] for s in steps] == [2, 4]
+    assert steps[-1]["kl_term"] == pytest.approx(steps[-1]["kl"] / 120, rel=1e-5)
     assert record["images_per_second"] > 0 and math.isfinite(record["nll"])
 
 
@@ -160,12 +163,34 @@ def test_command_line_end_to_end_in_smoke_mode(tmp_path, monkeypatch) -> None:
     assert state["epoch"] == 1 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_seed_recipe_sets_the_failing_configuration_and_flags_override_it(monkeypatch) -> None:
+    captured = {}
+
+    def fake_train(config, data, out_dir=None, resume=False):
+        captured["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("bnn_course.train.train", fake_train)
+    monkeypatch.setattr("bnn_course.train.load_cifar10", lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        main(["--recipe", "seed", "--lr", "0.01"])
+    config = captured["config"]
+    assert (config.kl_scaling, config.init_log_sigma, config.lr) == ("none", 0.0, 0.01)
+    with pytest.raises(SystemExit):
+        main(["--recipe", "seed", "--init-log-sigma", "-5"])
+    assert captured["config"].init_log_sigma == -5.0
+    assert captured["config"].kl_scaling == "none"
+    with pytest.raises(SystemExit):
+        main([])
+    assert captured["config"] == TrainConfig()
+
+
 def test_help_documents_every_flag(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--data", "--epochs", "--batch-size", "--lr", "--kl-weight", "--train-subset",
-                 "--device", "--seed", "--out", "--resume", "--smoke"):
+    for flag in ("--recipe", "--data", "--epochs", "--batch-size", "--lr", "--kl-weight",
+                 "--train-subset", "--device", "--seed", "--out", "--resume", "--smoke"):
         assert flag in text
 
 

@@ -1,0 +1,216 @@
+"""Tests of the training-throughput benchmark (``benchmarks/throughput.py``).
+
+Everything runs on the CPU with tiny models and a handful of steps; the numbers are not
+checked, only the structure of the results and the arithmetic of the ratios. The
+bayesian-torch tests are skipped when that optional package is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import throughput
+from benchmarks.throughput import (
+    build_bayesian_torch_cnn,
+    main,
+    make_train_step,
+    measure_training_throughput,
+    parameter_counts,
+    run_benchmark,
+    summarize,
+    window_sizes,
+)
+from bnn_course.layers import BayesianConv2dFlipout
+from bnn_course.models import BayesianCNN, DeterministicCNN
+from bnn_course.seeding import seed_everything
+
+HAS_BAYESIAN_TORCH = throughput.bayesian_torch_version() is not None
+needs_bayesian_torch = pytest.mark.skipif(
+    not HAS_BAYESIAN_TORCH,
+    reason="optional package bayesian-torch not installed (pip install 'bnn-course[bench]')")
+
+TINY = ["--device", "cpu", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+        "--windows", "2", "--channels", "4,8", "--hidden-features", "16"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared CPU, thread hand-offs dominate tiny models' steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_result(result: dict, batch_size: int, steps: int, windows: int) -> None:
+    assert result["timed_steps"] == steps
+    assert len(result["window_images_per_second"]) == windows
+    assert result["images_per_second"] > 0 and result["timed_seconds"] > 0
+    assert (result["min_images_per_second"] <= result["images_per_second"]
+            <= result["max_images_per_second"])
+    assert result["spread_percent"] >= 0
+    assert result["parameters"] >= result["mean_parameters"] > 0
+
+
+def test_main_prints_the_table_and_saves_consistent_results(tmp_path, capsys) -> None:
+    path = tmp_path / "out" / "throughput.json"
+    document = main([*TINY, "--threads", "1", "--json", str(path)])
+    printed = capsys.readouterr().out
+
+    expected = {"bayesian", "deterministic"} | ({"bayesian-torch"} if HAS_BAYESIAN_TORCH
+                                                else set())
+    assert set(document["models"]) == expected
+    for result in document["models"].values():
+        _check_result(result, batch_size=8, steps=2, windows=2)
+    models = document["models"]
+    ours = models["bayesian"]["images_per_second"]
+    assert models["bayesian"]["ratio_to_ours"] == 1.0
+    assert models["deterministic"]["ratio_to_ours"] == pytest.approx(
+        models["deterministic"]["images_per_second"] / ours)
+    det_over_ours = document["ratios"]["deterministic_over_ours"]
+    assert det_over_ours["value"] == pytest.approx(
+        models["deterministic"]["images_per_second"] / ours)
+    assert det_over_ours["met"] == (det_over_ours["value"] <= 2.0)
+    ours_over_bt = document["ratios"]["ours_over_bayesian_torch"]
+    if HAS_BAYESIAN_TORCH:
+        assert ours_over_bt["value"] == pytest.approx(
+            ours / models["bayesian-torch"]["images_per_second"])
+        assert ours_over_bt["met"] == (ours_over_bt["value"] >= 2.0)
+        assert "per-pixel" in printed
+    else:
+        assert ours_over_bt["value"] is None and ours_over_bt["met"] is None
+        assert "not installed" in printed
+
+    assert document["threads"] == 1 and document["batch_size"] == 8
+    assert document["precision"] == "fp32" and document["device_type"] == "cpu"
+    assert document["command"].endswith(" ".join([*TINY, "--threads", "1", "--json",
+                                                  str(path)]))
+    for text in ("images/s", "vs ours", "ours / bayesian-torch:", "deterministic / ours:",
+                 f"torch {torch.__version__}", "batch 8", "precision fp32",
+                 document["device"], "BayesianCNN (ours)", "DeterministicCNN"):
+        assert text in printed, text
+    assert json.loads(path.read_text()) == json.loads(json.dumps(document))
+
+
+def test_missing_bayesian_torch_is_said_and_skipped(monkeypatch) -> None:
+    monkeypatch.setattr(throughput, "bayesian_torch_version", lambda: None)
+    document = run_benchmark(["bayesian", "bayesian-torch"], device="cpu", batch_size=4,
+                             steps=1, warmup=0, windows=1, channels=(4,), hidden_features=8)
+    assert list(document["models"]) == ["bayesian"]
+    assert "not installed" in document["skipped"]["bayesian-torch"]
+    assert document["bayesian_torch"] is None
+    assert document["ratios"]["ours_over_bayesian_torch"]["value"] is None
+    assert document["ratios"]["deterministic_over_ours"]["value"] is None
+    report = throughput.format_report(document)
+    assert "n/a (bayesian-torch not installed)" in report
+    assert "deterministic / ours:    n/a (needs both models)" in report
+
+
+def test_measure_one_model_from_a_builder_in_bf16() -> None:
+    def build() -> DeterministicCNN:
+        return DeterministicCNN(channels=(4, 8), hidden_features=16)
+
+    result = measure_training_throughput(build, device="cpu", batch_size=4, steps=3,
+                                         warmup=1, windows=2, precision="bf16")
+    _check_result(result, batch_size=4, steps=3, windows=2)
+    assert result["parameters"] == result["mean_parameters"] == sum(
+        p.numel() for p in build().parameters())
+    assert result["batch_size"] == 4 and result["device"].startswith("CPU")
+
+
+def test_a_train_step_updates_every_parameter() -> None:
+    seed_everything(123)
+    model = BayesianCNN(channels=(4,), hidden_features=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = make_train_step(model, torch.device("cpu"), batch_size=4)
+    loss = step()
+    assert loss.dim() == 0 and math.isfinite(loss.item())
+    # Adam moves every parameter with a nonzero gradient by about lr in the first step.
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_windows_and_summary_arithmetic() -> None:
+    assert window_sizes(10, 3) == [4, 3, 3]
+    assert window_sizes(2, 5) == [1, 1]
+    with pytest.raises(ValueError):
+        window_sizes(0, 3)
+    summary = summarize([(2, 1.0), (2, 0.5), (2, 2.0)], batch_size=4)
+    assert summary["window_images_per_second"] == [8.0, 16.0, 4.0]
+    assert summary["images_per_second"] == 8.0
+    assert summary["min_images_per_second"] == 4.0 and summary["max_images_per_second"] == 16.0
+    assert summary["spread_percent"] == pytest.approx(150.0)
+    assert summary["timed_steps"] == 6 and summary["timed_seconds"] == pytest.approx(3.5)
+
+
+@needs_bayesian_torch
+def test_bayesian_torch_cnn_gives_log_probs_and_a_positive_kl() -> None:
+    seed_everything(123)
+    model = build_bayesian_torch_cnn(channels=(4, 8), hidden_features=16)
+    x = torch.randn(5, 3, 32, 32)
+    log_probs, kl = model(x)
+    assert log_probs.shape == (5, 10) and log_probs.dtype == torch.float32
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(5))
+    assert kl.dim() == 0 and math.isfinite(kl.item()) and kl.item() > 0
+    # The KL returned by the forward pass is the one its layers compute from the parameters.
+    torch.testing.assert_close(kl, model.kl_divergence())
+    assert not torch.equal(log_probs, model(x)[0])  # every call draws a new sample
+    loss = F.nll_loss(log_probs, torch.zeros(5, dtype=torch.long)) + kl / 50_000
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@needs_bayesian_torch
+@pytest.mark.parametrize(("channels", "hidden"), [((4, 8), 16), ((32, 64, 128), 256)])
+def test_same_architecture_as_ours(channels, hidden) -> None:
+    ours = BayesianCNN(channels=channels, hidden_features=hidden)
+    theirs = build_bayesian_torch_cnn(channels=channels, hidden_features=hidden)
+    twin = DeterministicCNN(channels=channels, hidden_features=hidden)
+    total, means = parameter_counts(ours)
+    assert parameter_counts(theirs) == (total, means)
+    assert means == sum(p.numel() for p in twin.parameters()) and total == 2 * means
+    our_means = [layer.weight_mu.shape for _, layer in ours.bayesian_layers()]
+    their_means = [(layer.mu_kernel if hasattr(layer, "mu_kernel") else layer.mu_weight).shape
+                   for layer in theirs.flipout_layers()]
+    assert our_means == their_means
+
+
+@needs_bayesian_torch
+def test_bayesian_torch_sigma_starts_around_ours() -> None:
+    # bayesian-torch draws rho ~ N(posterior_rho_init, 0.1^2); for rho near -5,
+    # log softplus(rho) = rho + O(e^rho), so log sigma ~ N(-5, 0.1^2) to within 0.01.
+    seed_everything(123)
+    model = build_bayesian_torch_cnn(channels=(4,), hidden_features=8, init_log_sigma=-5.0)
+    rhos = torch.cat([p.detach().flatten() for name, p in model.named_parameters()
+                      if name.rsplit(".", 1)[-1].startswith("rho_")])
+    log_sigma = F.softplus(rhos).log()
+    n = rhos.numel()
+    assert n == parameter_counts(model)[1]
+    assert abs(log_sigma.mean().item() + 5.0) < 0.01 + 4 * 0.1 / math.sqrt(n)
+    assert abs(log_sigma.std().item() - 0.1) < 4 * 0.1 / math.sqrt(2 * n)
+
+
+@needs_bayesian_torch
+def test_bayesian_torch_convolution_signs_are_per_pixel() -> None:
+    """The "different estimator": per-pixel signs vary the noise across one image.
+
+    A 1x1 convolution of a spatially constant input: with signs per example and channel
+    (ours) every position of an image sees the same kernel sample, so the output is
+    constant over space; with per-pixel signs (bayesian-torch) it is not.
+    """
+    from bayesian_torch.layers import Conv2dFlipout
+
+    seed_everything(123)
+    x = torch.ones(4, 2, 6, 6)
+    ours = BayesianConv2dFlipout(2, 3, 1, init_log_sigma=0.0)
+    theirs = Conv2dFlipout(2, 3, 1, posterior_rho_init=1.0)
+    with torch.no_grad():
+        our_out = ours(x)
+        their_out, _ = theirs(x)
+    spatial_std = lambda out: out.flatten(2).std(-1)  # noqa: E731  (B, C_out)
+    assert spatial_std(our_out).max().item() < 1e-5
+    assert spatial_std(their_out).min().item() > 1e-3
