@@ -115,8 +115,14 @@ class DeterministicCNN(nn.Module):
     """The deterministic twin of :class:`BayesianCNN`: same layers, point-estimate weights.
 
     Same constructor arguments (minus the Bayesian ones) and the same interface:
-    ``forward(x, sample=...)`` ignores ``sample`` and :meth:`kl_divergence` is zero, so the
-    training engine treats both networks alike. Used as the baseline of every comparison.
+    ``forward(x, sample=...)`` and :meth:`kl_divergence` (zero), so the training engine
+    treats both networks alike. Used as the baseline of every comparison.
+
+    With ``dropout > 0`` it is the MC-dropout baseline (Gal & Ghahramani, 2016): dropout
+    with probability ``dropout`` before the hidden and the output dense layers, active
+    whenever ``sample=True`` (in training *and* at test time, so that repeated stochastic
+    passes are samples of an approximate posterior) and off with ``sample=False``. With
+    ``dropout = 0`` (the default) ``sample`` changes nothing.
     """
 
     def __init__(
@@ -126,8 +132,12 @@ class DeterministicCNN(nn.Module):
         image_size: int = 32,
         channels: Sequence[int] = (32, 64, 128),
         hidden_features: int = 256,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         downsampling = 2 ** len(channels)
         if image_size % downsampling:
             raise ValueError(f"image_size ({image_size}) must be divisible by "
@@ -146,13 +156,16 @@ class DeterministicCNN(nn.Module):
         self.classifier = nn.Linear(hidden_features, num_classes)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """Log-probabilities (B, num_classes); ``sample`` is accepted and ignored."""
+        """Log-probabilities (B, num_classes); ``sample`` switches MC dropout on or off."""
         _check_images(x, self.in_channels, self.image_size, type(self).__name__)
         for index, conv in enumerate(self.convs):
             x = F.relu(conv(x))
             if index % 2 == 1:
                 x = F.max_pool2d(x, 2)
-        x = F.relu(self.hidden(torch.flatten(x, 1)))
+        drop = sample and self.dropout > 0
+        x = F.dropout(torch.flatten(x, 1), self.dropout, training=drop)
+        x = F.relu(self.hidden(x))
+        x = F.dropout(x, self.dropout, training=drop)
         return F.log_softmax(self.classifier(x).float(), dim=-1)
 
     def bayesian_layers(self) -> Iterator[tuple[str, _BayesianLayer]]:

@@ -57,11 +57,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 
 KL_SCALINGS = ("per_example", "none")
-MODELS = ("bayesian", "deterministic")
+MODELS = ("bayesian", "deterministic", "mc_dropout")
 SCHEDULES = ("cosine", "constant")
 
 # Fields that may differ between an interrupted run and its resumption.
-_RESUME_FREE_FIELDS = ("device", "compile", "progress")
+_RESUME_FREE_FIELDS = ("device", "compile", "progress", "log_interval")
 
 
 @dataclass
@@ -79,8 +79,10 @@ class TrainConfig:
     kl_weight: float = 1.0
     kl_scaling: str = "per_example"
     kl_warmup_epochs: float = 0.0
+    dropout: float = 0.1
     init_log_sigma: float = -5.0
     prior_sigma: float = 1.0
+    parametrization: str = "log"
     channels: tuple[int, ...] = (32, 64, 128)
     hidden_features: int = 256
     augment: bool = True
@@ -99,12 +101,14 @@ class TrainConfig:
         checks = {
             "model": self.model in MODELS,
             "schedule": self.schedule in SCHEDULES,
+            "parametrization": self.parametrization in ("log", "softplus"),
             "kl_scaling": self.kl_scaling in KL_SCALINGS,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "kl_weight": self.kl_weight >= 0,
             "kl_warmup_epochs": self.kl_warmup_epochs >= 0,
+            "dropout": 0 <= self.dropout < 1,
             "prior_sigma": self.prior_sigma > 0,
             "train_subset": self.train_subset is None or self.train_subset >= 10,
             "epoch_eval_samples": self.epoch_eval_samples >= 0,
@@ -152,12 +156,14 @@ def select_device(name: str = "auto") -> torch.device:
 
 def build_model(config: TrainConfig, num_classes: int = 10) -> nn.Module:
     """The network named by ``config.model`` with the configured shape and priors."""
-    if config.model == "deterministic":
+    if config.model in ("deterministic", "mc_dropout"):
         return DeterministicCNN(num_classes, channels=config.channels,
-                                hidden_features=config.hidden_features)
+                                hidden_features=config.hidden_features,
+                                dropout=config.dropout if config.model == "mc_dropout" else 0.0)
     return BayesianCNN(num_classes, channels=config.channels,
                        hidden_features=config.hidden_features, prior_sigma=config.prior_sigma,
-                       init_log_sigma=config.init_log_sigma)
+                       init_log_sigma=config.init_log_sigma,
+                       parametrization=config.parametrization)
 
 
 def kl_term(kl: torch.Tensor, config: TrainConfig, num_train: int, warmup: float) -> torch.Tensor:
@@ -314,8 +320,9 @@ def train(
     -------
     TrainResult
         ``history`` has one record per epoch: ``nll``, ``kl`` (total, unscaled),
-        ``kl_term`` (as added to the loss), ``train_accuracy`` (of the sampled network on
-        augmented batches), ``test_accuracy_mean``/``test_nll_mean`` (posterior means),
+        ``kl_term`` (as added to the loss; both at the epoch's last step),
+        ``train_accuracy`` (of the sampled network on augmented batches),
+        ``test_accuracy_mean``/``test_nll_mean`` (posterior means),
         ``test_accuracy_mc``/``test_nll_mc``/``test_entropy_mc`` (``epoch_eval_samples``
         samples), ``sigma`` (mean weight sigma per layer), ``images_per_second``, ``lr``,
         ``seconds``, and ``steps``: the NLL, KL and KL term of every ``log_interval``-th
@@ -362,7 +369,7 @@ def train(
     forward = torch.compile(model) if config.compile else model
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, correct, steps
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, correct, loss
         kl_value = torch.zeros((), device=device)
         kl_scaled = torch.zeros((), device=device)
         step_log: list[dict[str, float]] = []
@@ -530,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
              "there when missing)")
     add("--out", default="runs/cifar10", help="output folder (default: %(default)s)")
     add("--model", choices=MODELS, default=defaults.model, help="default: %(default)s")
+    add("--dropout", type=float, default=defaults.dropout,
+        help="dropout probability of --model mc_dropout (default: %(default)s)")
     add("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
     add("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
     add("--lr", type=float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
@@ -546,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial log standard deviation of every weight (default: %(default)s)")
     add("--prior-sigma", type=float, default=defaults.prior_sigma,
         help="standard deviation of the N(0, s^2) prior (default: %(default)s)")
+    add("--parametrization", choices=("log", "softplus"), default=defaults.parametrization,
+        help="sigma = exp(log_sigma) or softplus(rho) (default: %(default)s)")
+    add("--log-interval", type=int, default=defaults.log_interval,
+        help="log the loss terms (and check they are finite) every this many steps "
+             "(default: %(default)s)")
     add("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
         default=defaults.channels, metavar="C1,C2,...",
         help="output channels of the convolution blocks (default: 32,64,128)")
@@ -580,15 +594,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     recipe, _ = parser.parse_known_args(argv)
     parser.set_defaults(**RECIPES[recipe.recipe])
     args = parser.parse_args(argv)
-    config = TrainConfig(
-        model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        schedule=args.schedule, kl_weight=args.kl_weight, kl_scaling=args.kl_scaling,
-        kl_warmup_epochs=args.kl_warmup_epochs, init_log_sigma=args.init_log_sigma,
-        prior_sigma=args.prior_sigma, channels=args.channels,
-        hidden_features=args.hidden_features, augment=not args.no_augment,
-        train_subset=args.train_subset, epoch_eval_samples=args.epoch_eval_samples,
-        eval_samples=args.eval_samples, seed=args.seed, device=args.device,
-        amp=not args.no_amp, compile=args.compile, progress=not args.no_progress)
+    # Flags named like TrainConfig fields map onto them; the negated switches are explicit.
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if hasattr(args, f.name)}
+    config = TrainConfig(**given, augment=not args.no_augment, amp=not args.no_amp,
+                         progress=not args.no_progress)
     smoke = bool(args.smoke)
     data = load_cifar10(args.data, smoke=smoke)
     if args.test_subset is not None:

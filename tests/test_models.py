@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout
-from bnn_course.models import BayesianCNN
+from bnn_course.models import BayesianCNN, DeterministicCNN
 from bnn_course.seeding import seed_everything
 
 
@@ -79,3 +79,18 @@ def test_autocast_keeps_log_probabilities_and_kl_in_float32(model) -> None:
         kl = model.kl_divergence()
     assert log_probs.dtype == torch.float32 and kl.dtype == torch.float32
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2))
+
+
+def test_deterministic_twin_and_mc_dropout() -> None:
+    seed_everything(123)
+    twin = DeterministicCNN(channels=(4, 8), hidden_features=16)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(twin(x), twin(x, sample=False)) and twin.kl_divergence().item() == 0
+    assert list(twin.bayesian_layers()) == []
+    dropout = DeterministicCNN(channels=(4, 8), hidden_features=16, dropout=0.5)
+    dropout.load_state_dict(twin.state_dict())
+    assert torch.equal(dropout(x, sample=False), twin(x))
+    assert not torch.equal(dropout(x), dropout(x))
+    torch.testing.assert_close(dropout(x).exp().sum(-1), torch.ones(3))
+    with pytest.raises(ValueError, match="dropout"):
+        DeterministicCNN(dropout=1.0)

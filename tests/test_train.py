@@ -136,6 +136,13 @@ def test_seeded_cpu_runs_are_identical(tiny_data) -> None:
     assert first.final == second.final
 
 
+@pytest.mark.parametrize("model", ["deterministic", "mc_dropout"])
+def test_baselines_train_with_the_same_engine(tiny_data, model) -> None:
+    result = train(TrainConfig(model=model, epochs=1, **TINY), tiny_data, log=quiet)
+    assert result.history[0]["kl"] == 0.0 and result.history[0]["sigma"] == {}
+    assert math.isfinite(result.final["nll_mc"])
+
+
 def test_invalid_configuration_is_an_error() -> None:
     with pytest.raises(ValueError, match="kl_scaling"):
         TrainConfig(kl_scaling="sum")
