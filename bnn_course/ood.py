@@ -1,0 +1,204 @@
+"""Out-of-distribution image sets for a CIFAR-10 classifier, as ``uint8 (N, 3, 32, 32)``.
+
+:func:`load_ood_sets` returns whichever of these it can get, and says which it used:
+
+* ``"svhn"`` -- the SVHN test split (26,032 house-number digits), through
+  :class:`torchvision.datasets.SVHN`;
+* ``"cifar100"`` -- the CIFAR-100 test split (10,000 images of 100 classes disjoint from
+  CIFAR-10's), through :class:`torchvision.datasets.CIFAR100`;
+* ``"sklearn-digits"`` -- offline: scikit-learn's 1,797 handwritten digits
+  (:func:`sklearn.datasets.load_digits`, 8x8 grey levels 0..16, shipped with the package),
+  scaled to 0..255, resized bilinearly to 32x32 and copied to three channels;
+* ``"uniform-noise"``, ``"gaussian-noise"``, ``"blobs"`` -- offline, synthetic, following
+  the noise sets of Hendrycks et al. (2019, Outlier Exposure, ``test.py``): i.i.d. uniform
+  pixels; i.i.d. Gaussian pixels :math:`N(0.5, 0.25^2)` clipped to [0, 1] (their
+  :math:`N(0, 0.5^2)` clipped to [-1, 1] on the [-1, 1] scale); and "blobs", Bernoulli(0.7)
+  pixels smoothed by a Gaussian filter of standard deviation 1.5 pixels over height, width
+  *and* channels (their ``gaussian(..., sigma=1.5, multichannel=False)``) with values below
+  0.75 set to 0.
+
+SVHN and CIFAR-100 are read from ``root``, else ``BNN_COURSE_DATA``, else
+``~/.cache/bnn_course/data`` (torchvision's layouts: ``test_32x32.mat`` and
+``cifar-100-python/``), and downloaded there when missing and ``allow_download`` is true.
+A set that cannot be had is skipped with a printed reason; the offline sets are always there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bnn_course import config
+from bnn_course.corruptions import gaussian_filter
+from bnn_course.data import user_cache_dir
+
+logger = logging.getLogger(__name__)
+
+NUM_SYNTHETIC = 2000
+"""Images in each synthetic set (Outlier Exposure uses a fifth of the test set: 2,000)."""
+
+OOD_SET_NAMES: tuple[str, ...] = ("svhn", "cifar100", "sklearn-digits", "uniform-noise",
+                                  "gaussian-noise", "blobs")
+"""Every set :func:`load_ood_sets` knows, in the order it tries them."""
+
+
+def _say(message: str) -> None:
+    logger.info(message)
+    print(message)
+
+
+def _random_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _subset(images: torch.Tensor, max_images: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """At most ``max_images``: a random subset (kept in order) with a generator, else the first."""
+    if max_images is None or images.shape[0] <= max_images:
+        return images
+    if generator is None:
+        return images[:max_images]
+    keep = torch.randperm(images.shape[0], generator=generator,
+                          device=_random_device(generator))[:max_images]
+    return images[torch.sort(keep.cpu()).values]
+
+
+# --------------------------------------------------------------------------------------
+# Offline sets
+# --------------------------------------------------------------------------------------
+
+
+def sklearn_digits(image_size: int = 32) -> torch.Tensor:
+    """scikit-learn's handwritten digits as ``uint8 (1797, 3, image_size, image_size)``.
+
+    The 8x8 images (grey levels 0..16, ink bright on a dark background) are scaled to
+    0..255, resized with bilinear interpolation (``align_corners=False``), rounded, and
+    repeated over three channels.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = torch.as_tensor(load_digits().images, dtype=torch.float32)  # (1797, 8, 8)
+    x = digits[:, None] * (255 / 16)
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def uniform_noise(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` images of i.i.d. uniform pixels 0..255, ``uint8 (n, 3, 32, 32)``."""
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=generator,
+                         device=_random_device(generator), dtype=torch.uint8).cpu()
+
+
+def gaussian_noise_images(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` images of i.i.d. :math:`N(0.5, 0.25^2)` pixels clipped to [0, 1], as ``uint8``."""
+    z = torch.randn((n, 3, 32, 32), generator=generator, device=_random_device(generator))
+    return ((0.5 + 0.25 * z).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def blobs(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Outlier Exposure's "blobs": smoothed Bernoulli(0.7) noise, thresholded at 0.75.
+
+    Each value of an ``(n, 32, 32, 3)`` array is 1 with probability 0.7; a Gaussian filter
+    with standard deviation 1.5 runs over height, width and the channel axis (borders
+    ``nearest``); values below 0.75 become 0. Returns ``uint8 (n, 3, 32, 32)``.
+    """
+    device = _random_device(generator)
+    x = (torch.rand((n, 32, 32, 3), generator=generator, device=device) < 0.7).to(torch.float32)
+    x = gaussian_filter(x.cpu(), 1.5, dims=(1, 2, 3))
+    x = torch.where(x < 0.75, torch.zeros_like(x), x)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# torchvision sets
+# --------------------------------------------------------------------------------------
+
+
+def _svhn(folder: Path, download: bool) -> torch.Tensor:
+    from torchvision.datasets import SVHN
+
+    return torch.from_numpy(SVHN(str(folder), split="test", download=download).data)
+
+
+def _cifar100(folder: Path, download: bool) -> torch.Tensor:
+    from torchvision.datasets import CIFAR100
+
+    data = CIFAR100(str(folder), train=False, download=download).data  # (N, 32, 32, 3)
+    return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+
+
+_TORCHVISION_SETS = {
+    "svhn": (_svhn, "SVHN test split (street-view house numbers, torchvision)"),
+    "cifar100": (_cifar100, "CIFAR-100 test split (torchvision)"),
+}
+
+
+def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = True,
+                  max_images: int | None = None,
+                  generator: torch.Generator | None = None,
+                  ) -> dict[str, tuple[torch.Tensor, str]]:
+    """The out-of-distribution sets that can be had here, each with a description.
+
+    Parameters
+    ----------
+    root:
+        Folder of SVHN and CIFAR-100 (and where to download them); default
+        ``BNN_COURSE_DATA``, else ``~/.cache/bnn_course/data``.
+    allow_download:
+        Let torchvision download a missing SVHN or CIFAR-100 (about 64 MB and 161 MB).
+        Without network the download fails, and the set is skipped with the reason.
+    max_images:
+        Keep at most this many images per set: a random subset (in the original order)
+        drawn with ``generator``, or the first ``max_images`` when ``generator`` is ``None``.
+        The synthetic sets have ``min(max_images, NUM_SYNTHETIC)`` images.
+    generator:
+        Random numbers for the subsets and the synthetic sets; seed it for repeatable sets.
+
+    Returns
+    -------
+    ``{name: (images, description)}`` with ``images`` ``uint8 (n, 3, 32, 32)`` on the CPU,
+    names among :data:`OOD_SET_NAMES`, in that order. Which sets were used, and why any was
+    skipped, is printed (and logged).
+    """
+    if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
+        raise ValueError(f"max_images must be a positive int or None, got {max_images!r}")
+    explicit = root if root is not None else config.data_root()
+    folder = Path(explicit).expanduser() if explicit else user_cache_dir() / "data"
+    sets: dict[str, tuple[torch.Tensor, str]] = {}
+    skipped: dict[str, str] = {}
+
+    for name, (load, description) in _TORCHVISION_SETS.items():
+        try:
+            images = load(folder, allow_download)
+        except Exception as error:  # no network, not downloaded, corrupt file, no scipy ...
+            why = f"{type(error).__name__}: {error}".strip()
+            if allow_download:
+                skipped[name] = f"could not be loaded from, or downloaded to, {folder} ({why})"
+            else:
+                skipped[name] = (f"could not be loaded from {folder} and allow_download=False "
+                                 f"({why})")
+            continue
+        images = _subset(images, max_images, generator)
+        sets[name] = (images, f"{description}, {images.shape[0]} images from {folder}")
+
+    digits = _subset(sklearn_digits(), max_images, generator)
+    sets["sklearn-digits"] = (digits, f"scikit-learn handwritten digits (8x8, resized "
+                                      f"bilinearly to 32x32 RGB), {digits.shape[0]} images")
+    n = NUM_SYNTHETIC if max_images is None else min(max_images, NUM_SYNTHETIC)
+    sets["uniform-noise"] = (uniform_noise(n, generator),
+                             f"synthetic: i.i.d. uniform pixels, {n} images")
+    sets["gaussian-noise"] = (gaussian_noise_images(n, generator),
+                              f"synthetic: i.i.d. N(0.5, 0.25^2) pixels clipped, {n} images")
+    sets["blobs"] = (blobs(n, generator),
+                     f"synthetic: smoothed Bernoulli blobs (Outlier Exposure), {n} images")
+
+    used = ", ".join(f"{name} ({images.shape[0]})" for name, (images, _) in sets.items())
+    _say(f"OOD sets used: {used}")
+    for name, reason in skipped.items():
+        _say(f"OOD set {name} skipped: {reason}")
+    return {name: sets[name] for name in OOD_SET_NAMES if name in sets}
