@@ -62,6 +62,17 @@ BUDGETS: MappingProxyType = MappingProxyType(
             "smoke": {"batch_size": 4, "num_samples": 5, "num_shown": 3,
                       "num_log_sigmas": 3, "timing_repeats": 1},
         },
+        "training": {
+            "full": {"epochs": 30, "batch_size": 256, "channels": (32, 64, 128),
+                     "hidden_features": 256, "train_subset": None, "test_per_class": None,
+                     "epoch_eval_samples": 4, "eval_samples": 20, "max_mc_samples": 32,
+                     "num_shown": 8, "num_augment_check": 20_000, "run_dir": "runs/ch06"},
+            "smoke": {"epochs": 2, "batch_size": 100, "channels": (4, 8, 16),
+                      "hidden_features": 32, "train_subset": 1000, "test_per_class": 30,
+                      "epoch_eval_samples": 2, "eval_samples": 4, "max_mc_samples": 4,
+                      "num_shown": 4, "num_augment_check": 2000,
+                      "run_dir": "runs/ch06-smoke"},
+        },
     }
 )
 

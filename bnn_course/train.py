@@ -356,6 +356,10 @@ def train(
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         _check_resumable(state["config"], config, checkpoint_path)
+        if state.get("data_source") != data.source:
+            raise CheckpointError(
+                f"{checkpoint_path} was trained on {state.get('data_source')!r}, not on "
+                f"{data.source!r}; resuming needs the same data. Use another output folder.")
         _restore_model(model, state["model"], checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         history = list(state["history"])

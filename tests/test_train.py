@@ -6,6 +6,7 @@ test runs only when ``BNN_COURSE_DATA`` names a CIFAR-10 copy (``.ci/run`` extra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -84,6 +85,14 @@ def test_resume_refuses_another_configuration(tiny_data, tmp_path) -> None:
     with pytest.raises(CheckpointError, match="lr"):
         train(TrainConfig(epochs=1, **{**TINY, "lr": 0.5}), tiny_data, out_dir=tmp_path,
               resume=True, log=quiet)
+
+
+def test_resume_refuses_other_data(tiny_data, tmp_path) -> None:
+    train(TrainConfig(epochs=1, **TINY), tiny_data, out_dir=tmp_path, log=quiet)
+    other = synthetic_cifar10(train_per_class=12, test_per_class=4, seed=2)
+    other = dataclasses.replace(other, source="another copy")
+    with pytest.raises(CheckpointError, match="same data"):
+        train(TrainConfig(epochs=1, **TINY), other, out_dir=tmp_path, resume=True, log=quiet)
 
 
 def test_divergence_stops_training_with_causes(tiny_data) -> None:
