@@ -53,7 +53,7 @@ BUDGETS: MappingProxyType = MappingProxyType(
         "flipout_conv": {
             "full": {"num_samples": 4000, "num_pool_samples": 1000,
                      "image_sizes": (6, 8, 12, 16, 24, 32), "timing_repeats": 50},
-            "smoke": {"num_samples": 50, "num_pool_samples": 20, "image_sizes": (6, 10),
+            "smoke": {"num_samples": 400, "num_pool_samples": 20, "image_sizes": (6, 10),
                       "timing_repeats": 3},
         },
         "bayesian_cnn": {
@@ -72,6 +72,54 @@ BUDGETS: MappingProxyType = MappingProxyType(
                       "epoch_eval_samples": 2, "eval_samples": 4, "max_mc_samples": 4,
                       "num_shown": 4, "num_augment_check": 2000,
                       "run_dir": "runs/ch06-smoke"},
+        },
+        # Chapter 7. Ablation runs of `epochs` epochs on all 50,000 images; the two sigma = 1
+        # recipes run `long_epochs` (the "more than 100 epochs" question). Estimate on one
+        # H100 (bf16; ~27k training images/s for the BayesianCNN, ~80k/s for the twin;
+        # sampled forward passes ~80k/s): 2 x 20 epochs ~ 77 s, 4 x 8 epochs ~ 61 s, the twin
+        # 8 epochs ~ 5 s (per-epoch test evaluation with the means only, ~0.1 s an epoch);
+        # final predictions 6 x 10k images x 11 passes ~ 8 s; diagnostics on 500 images
+        # ~ 5 s; start-up, data and figures ~ 15-20 s. About 2.9 minutes (3.8 at 20k/s).
+        "diagnosis": {
+            "full": {"epochs": 8, "long_epochs": 20, "batch_size": 256,
+                     "channels": (32, 64, 128), "hidden_features": 256, "train_subset": None,
+                     "test_per_class": None, "epoch_eval_samples": 0, "eval_samples": 10,
+                     "log_interval": 20, "diagnostic_batch": 500, "num_noise_samples": 16,
+                     "num_gradient_samples": 4, "num_logit_check": 10_000},
+            "smoke": {"epochs": 1, "long_epochs": 2, "batch_size": 50,
+                      "channels": (4, 8, 16), "hidden_features": 32, "train_subset": 500,
+                      "test_per_class": 20, "epoch_eval_samples": 0, "eval_samples": 4,
+                      "log_interval": 2, "diagnostic_batch": 40, "num_noise_samples": 4,
+                      "num_gradient_samples": 2, "num_logit_check": 200},
+        },
+        # Chapter 8. Every method gets chapter 6's training budget (same architecture, 30
+        # epochs of 50,000 images), so chapter 6's BayesianCNN is reused when present.
+        # Estimate on one H100 (bf16; ~27k training images/s for the BayesianCNN, ~80k/s for
+        # the twins; forward passes ~80k/s and ~250k/s): training the twin, MC dropout and 4
+        # new ensemble members (member 0 is the twin) 5 x 1.5M images ~ 95 s (+ ~55 s if the
+        # BayesianCNN is not reused); clean test + OOD sets (~28k images) x 21 passes ~ 10 s;
+        # 9 corruptions x 5 severities x 10k images x (1 + 4) passes ~ 50 s, with ~10 s
+        # to corrupt (JPEG on the CPU); data, OOD sets, figures ~ 30 s. About 3.5 minutes
+        # with runs/ch06 reused, about 4.5 without.
+        "uncertainty": {
+            "full": {"epochs": 30, "batch_size": 256, "channels": (32, 64, 128),
+                     "hidden_features": 256, "train_subset": None, "test_per_class": None,
+                     "dropout": 0.1, "ensemble_size": 5, "eval_samples": 20,
+                     "corruption_samples": 4,
+                     "corruptions": ("gaussian_noise", "shot_noise", "impulse_noise",
+                                     "speckle_noise", "gaussian_blur", "contrast",
+                                     "brightness", "pixelate", "jpeg_compression"),
+                     "severities": (1, 2, 3, 4, 5), "ood_max_images": 5000,
+                     "ood_download": True, "num_shown": 8, "run_dir": "runs/ch08",
+                     "bayesian_checkpoint": "runs/ch06/checkpoint.pt"},
+            "smoke": {"epochs": 2, "batch_size": 100, "channels": (4, 8, 16),
+                      "hidden_features": 32, "train_subset": 1000, "test_per_class": 30,
+                      "dropout": 0.1, "ensemble_size": 2, "eval_samples": 4,
+                      "corruption_samples": 2,
+                      "corruptions": ("gaussian_noise", "contrast", "jpeg_compression"),
+                      "severities": (1, 3, 5), "ood_max_images": 200,
+                      "ood_download": False, "num_shown": 4, "run_dir": "runs/ch08-smoke",
+                      "bayesian_checkpoint": "runs/ch06-smoke/checkpoint.pt"},
         },
     }
 )

@@ -757,7 +757,7 @@ def early_warning_signs(
     collapse: Mapping[str, Any] | None = None,
     *,
     chance_margin: float = 0.05,
-    kl_to_nll_factor: float = 10.0,
+    kl_to_nll_factor: float = 1000.0,
     sigma_tolerance: float = 0.1,
     top_class_share_limit: float = 0.5,
 ) -> list[str]:
@@ -770,7 +770,9 @@ def early_warning_signs(
     2. training accuracy within ``chance_margin`` of chance, :math:`1/K`;
     3. training NLL at or above :math:`0.95 \log K`: no better than a uniform guess;
     4. the KL term more than ``kl_to_nll_factor`` times the NLL: the loss is mostly KL
-       (with the KL unscaled, check ``kl_scaling``);
+       (with the KL unscaled, check ``kl_scaling``). The default, 1000, separates the two
+       regimes: a healthy KL/N of the book's CNN starts at ~30x log K (73 nats per example
+       at sigma = e^-5, N = 50,000) while an unscaled KL is ~10^6x;
     5. with two epochs or more, a training NLL that has not decreased since the first;
     6. given ``prior_sigma``, layers whose mean weight sigma (``record["sigma"]``) is within
        a factor ``1 ± sigma_tolerance`` of the prior's: the posterior has not left the prior;

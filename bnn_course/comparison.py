@@ -1,0 +1,840 @@
+r"""Is the uncertainty useful? The BayesianCNN against the simpler alternatives.
+
+Four ways to get class probabilities *and* an uncertainty from the same architecture,
+trained by the same engine (:func:`bnn_course.train.train`) with the same budget:
+
+==============  =============================================  ===================
+method          the :math:`S` probability vectors per input    :math:`S`
+==============  =============================================  ===================
+bayesian        weight samples :math:`w_s \sim q` (Flipout)     ``num_samples``
+deterministic   the point-estimate twin, one pass               1
+mc_dropout      dropout masks at test time (Gal & Ghahramani)  ``num_samples``
+ensemble        one pass of each of :math:`M` twins, trained    :math:`M`
+                from different seeds (Lakshminarayanan et al.)
+==============  =============================================  ===================
+
+Every method is reduced to the same object, a tensor ``sample_probs`` of shape ``(S, N, K)``
+(:func:`sample_probs_for`), and every metric is computed from it in the same way, following
+Ovadia et al. (2019) and the uncertainty-baselines tables:
+
+* the prediction is the average of the probabilities,
+  :math:`\bar p_{nk} = \frac1S \sum_s p_{snk}` (for the ensemble: the uniform mixture of its
+  members);
+* accuracy, NLL :math:`-\frac1N\sum_n \log \bar p_{n y_n}`, Brier score and ECE (15 bins)
+  of :math:`\bar p` on the clean test set (:mod:`bnn_course.metrics`);
+* OOD detection: AUROC of each score of :func:`bnn_course.metrics.ood_scores` (predictive
+  entropy, mutual information, :math:`1 - \max_k \bar p_k`), test set against each OOD set,
+  OOD = positive. For a single network (:math:`S = 1`) the mutual information is 0 for every
+  input; its AUROC is reported as NaN ("no such score"), not as 0.5;
+* dataset shift: accuracy and ECE on the test set corrupted by each corruption of
+  :mod:`bnn_course.corruptions` at each severity. Each ``(name, severity)`` is applied
+  **once**, with a generator seeded from ``(seed, name, severity)``, and the same corrupted
+  images are shown to every method.
+
+:func:`evaluate_methods` does all of it and returns one flat ``dict`` per method
+(:func:`comparison_rows` documents the keys); :func:`format_table` prints them.
+
+Command line (trains every method with a given budget, writes ``OUT/comparison.json`` and
+prints the table)::
+
+    python -m bnn_course.comparison --data DIR --epochs 4 --train-subset 5000 --out runs/cmp
+    python -m bnn_course.comparison --smoke --out /tmp/cmp   # tiny, to check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from bnn_course import __version__
+from bnn_course.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from bnn_course.data import CIFAR10Data, load_cifar10, stratified_subset
+from bnn_course.evaluation import predict_log_probs
+from bnn_course.metrics import (
+    OOD_SCORES,
+    accuracy,
+    brier_score,
+    expected_calibration_error,
+    negative_log_likelihood,
+    ood_detection,
+    ood_scores,
+)
+from bnn_course.provenance import device_description
+from bnn_course.train import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    load_checkpoint,
+    load_trained_model,
+    select_device,
+    train,
+)
+from bnn_course.uncertainty import decompose_uncertainty
+
+METHODS: tuple[str, ...] = ("bayesian", "deterministic", "mc_dropout", "ensemble")
+"""The methods compared, in the order of the table's columns."""
+
+NUM_BINS = 15
+"""Bins of the expected calibration error (the common choice, Guo et al. 2017)."""
+
+HIGHER_IS_BETTER = ("accuracy", "auroc")
+"""Metric names (last part of a row key) for which a larger value is better."""
+
+LOWER_IS_BETTER = ("nll", "ece", "brier")
+"""Metric names for which a smaller value is better."""
+
+IGNORED_FOR_REUSE: tuple[str, ...] = ("device", "compile", "progress", "log_interval",
+                                      "epoch_eval_samples", "eval_samples")
+""":class:`TrainConfig` fields that do not change what is learned; a saved network whose
+configuration differs from the wanted one only in these is reused."""
+
+_RESUME_FREE = ("device", "compile", "progress", "log_interval")  # as train's own check
+
+
+def _as_list(models: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    if isinstance(models, nn.Module):
+        return [models]
+    members = list(models)
+    if not members or not all(isinstance(m, nn.Module) for m in members):
+        raise ValueError("models must be a network or a non-empty sequence of networks")
+    return members
+
+
+# --------------------------------------------------------------------------------------
+# Probabilities (S, N, K) for every method
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_probs_for(
+    method: str,
+    models: nn.Module | Sequence[nn.Module],
+    images: torch.Tensor,
+    num_samples: int,
+    batch_size: int = 1000,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r"""Class probabilities ``(S, N, K)`` of ``method`` for ``uint8`` ``images (N, 3, H, W)``.
+
+    * ``"bayesian"``: one BayesianCNN, :math:`S` = ``num_samples`` passes with fresh weight
+      samples (``model(x, sample=True)``);
+    * ``"deterministic"``: one network, one pass with ``sample=False``; :math:`S = 1`;
+    * ``"mc_dropout"``: one DeterministicCNN with dropout > 0, :math:`S` = ``num_samples``
+      passes with fresh dropout masks;
+    * ``"ensemble"``: a sequence of :math:`M` networks, one ``sample=False`` pass each;
+      :math:`S = M` and ``num_samples`` is ignored.
+
+    The passes are those of :func:`bnn_course.evaluation.predict_log_probs` (which also
+    makes one ``sample=False`` pass; for ``"bayesian"`` and ``"mc_dropout"`` it is not
+    used). ``images`` must be on the networks' device.
+
+    Returns
+    -------
+    float32 ``(S, N, K)`` on ``images``' device, ``probs[s, n]`` = :math:`p(y \mid x_n, s)`,
+    each row summing to one: the input of :mod:`bnn_course.uncertainty`.
+    """
+    members = _as_list(models)
+    if method == "ensemble":
+        return torch.stack([predict_log_probs(member, images, 0, batch_size,
+                                              autocast_dtype)[0].exp() for member in members])
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if len(members) != 1:
+        raise ValueError(f"method {method!r} takes one network, got {len(members)}")
+    model = members[0]
+    if method == "deterministic":
+        return predict_log_probs(model, images, 0, batch_size, autocast_dtype)[0].exp()[None]
+    if num_samples < 1:
+        raise ValueError(f"method {method!r} needs num_samples >= 1, got {num_samples}")
+    if method == "mc_dropout" and not getattr(model, "dropout", 0.0) > 0:
+        raise ValueError("mc_dropout needs a network with dropout > 0; without dropout "
+                         "every pass gives the same probabilities")
+    if method == "bayesian" and not any(True for _ in model.bayesian_layers()):
+        raise ValueError("method 'bayesian' needs a network with Bayesian layers")
+    return predict_log_probs(model, images, num_samples, batch_size, autocast_dtype)[1].exp()
+
+
+def predict_methods(
+    models_by_method: Mapping[str, Sequence[nn.Module]],
+    image_sets: Mapping[str, torch.Tensor],
+    num_samples: int,
+    batch_size: int = 1000,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``probs[method][set]``: :func:`sample_probs_for` of every method on every image set.
+
+    ``image_sets`` maps a name (e.g. ``"test"``, ``"svhn"``) to ``uint8 (N, 3, 32, 32)``
+    images; they are moved to each method's device here.
+    """
+    probs: dict[str, dict[str, torch.Tensor]] = {}
+    for method, models in models_by_method.items():
+        device = _model_device(models)
+        probs[method] = {name: sample_probs_for(method, models, images.to(device), num_samples,
+                                                batch_size, autocast_dtype)
+                         for name, images in image_sets.items()}
+    return probs
+
+
+def _model_device(models: nn.Module | Sequence[nn.Module]) -> torch.device:
+    return next(_as_list(models)[0].parameters()).device
+
+
+# --------------------------------------------------------------------------------------
+# Metrics of one method
+# --------------------------------------------------------------------------------------
+
+
+def summary_metrics(sample_probs: torch.Tensor, labels: torch.Tensor,
+                    num_bins: int = NUM_BINS) -> dict[str, float]:
+    r"""Accuracy, NLL, ECE and Brier score of the predictive :math:`\bar p` of ``(S, N, K)``.
+
+    Also the mean predictive entropy and mean mutual information over the ``N`` inputs
+    (``"entropy"``, ``"mutual_information"``, nats).
+    """
+    parts = decompose_uncertainty(sample_probs)
+    p = parts.predictive
+    return {
+        "accuracy": accuracy(p, labels),
+        "nll": negative_log_likelihood(p, labels),
+        "ece": expected_calibration_error(p, labels, num_bins).ece,
+        "brier": brier_score(p, labels),
+        "entropy": parts.total.double().mean().item(),
+        "mutual_information": parts.epistemic.double().mean().item(),
+    }
+
+
+def ood_aurocs(test_probs: torch.Tensor,
+               ood_probs: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``{"auroc/<set>/<score>": AUROC}`` of each OOD score, test set (negatives) against
+    each OOD set (positives). ``test_probs`` ``(S, N, K)``, ``ood_probs[set]`` ``(S, M, K)``.
+
+    The mutual information of a single network (``S = 1``) is 0 everywhere: NaN.
+    """
+    single = test_probs.shape[0] == 1
+    score_in = ood_scores(test_probs)
+    result = {}
+    for name, probs in ood_probs.items():
+        score_out = ood_scores(probs)
+        for score in OOD_SCORES:
+            key = f"auroc/{name}/{score}"
+            if single and score == "mutual_information":
+                result[key] = math.nan
+            else:
+                result[key] = ood_detection(score_in[score], score_out[score]).auroc
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Dataset shift
+# --------------------------------------------------------------------------------------
+
+
+def corruption_seed(seed: int, name: str, severity: int) -> int:
+    """The seed of the generator that corrupts the test set with ``name`` at ``severity``.
+
+    Depends only on its arguments (a CRC-32 of ``"name/severity"``), not on the order in
+    which the corruptions are applied.
+    """
+    return (int(seed) * 1_000_003 + zlib.crc32(f"{name}/{severity}".encode())) % 2**62
+
+
+def iterate_corrupted(
+    images: torch.Tensor,
+    corruptions: Sequence[str],
+    severities: Sequence[int] = SEVERITIES,
+    seed: int = 0,
+) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """Yield ``(name, severity, corrupted images)`` for every corruption and severity.
+
+    Each is computed once, on ``images``' device, with a generator on that device seeded
+    by :func:`corruption_seed`: the same arguments give the same images on the same device.
+    ``images`` ``uint8 (N, 3, H, W)``; each yielded batch has the same shape.
+    """
+    for name in corruptions:
+        if name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
+        for severity in severities:
+            generator = torch.Generator(device=images.device)
+            generator.manual_seed(corruption_seed(seed, name, severity))
+            yield name, severity, corrupt(images, name, severity, generator)
+
+
+def evaluate_corruptions(
+    models_by_method: Mapping[str, Sequence[nn.Module]],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    corruptions: Sequence[str],
+    severities: Sequence[int] = SEVERITIES,
+    num_samples: int = 4,
+    seed: int = 0,
+    batch_size: int = 1000,
+    autocast_dtype: torch.dtype | None = None,
+    num_bins: int = NUM_BINS,
+) -> dict[str, dict[str, float]]:
+    """Every method on every corrupted copy of the test set.
+
+    The corrupted images of each ``(name, severity)`` are made once
+    (:func:`iterate_corrupted`) and given to every method; ``images`` should be on the
+    networks' device.
+
+    Returns
+    -------
+    ``{method: {"corruption/<name>/<severity>/<metric>": value}}`` with the metrics of
+    :func:`summary_metrics` (accuracy, nll, ece, brier, entropy, mutual_information).
+    """
+    results: dict[str, dict[str, float]] = {method: {} for method in models_by_method}
+    for name, severity, corrupted in iterate_corrupted(images, corruptions, severities, seed):
+        for method, models in models_by_method.items():
+            probs = sample_probs_for(method, models, corrupted.to(_model_device(models)),
+                                     num_samples, batch_size, autocast_dtype)
+            for metric, value in summary_metrics(probs, labels, num_bins).items():
+                results[method][f"corruption/{name}/{severity}/{metric}"] = value
+    return results
+
+
+def severity_means(shift: Mapping[str, float], metrics: Sequence[str] = ("accuracy", "ece"),
+                   ) -> dict[str, float]:
+    """``{"severity/<s>/<metric>": mean over corruptions}`` from one method's
+    :func:`evaluate_corruptions` entries, ordered by metric, then severity."""
+    sums: dict[str, list[float]] = {}
+    for key, value in shift.items():
+        _, _, severity, metric = key.split("/")
+        if metric in metrics:
+            sums.setdefault(f"severity/{severity}/{metric}", []).append(value)
+    def order(key: str) -> tuple[int, int]:
+        _, severity, metric = key.split("/")
+        return list(metrics).index(metric), int(severity)
+
+    return {key: sum(sums[key]) / len(sums[key]) for key in sorted(sums, key=order)}
+
+
+# --------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------
+
+
+def comparison_rows(
+    test_probs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    ood_probs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    shift: Mapping[str, Mapping[str, float]] | None = None,
+    num_bins: int = NUM_BINS,
+) -> list[dict[str, Any]]:
+    """One flat row per method, from probabilities already computed.
+
+    Parameters
+    ----------
+    test_probs:
+        ``{method: (S, N, K)}`` on the clean test set.
+    labels:
+        ``(N,)`` test labels.
+    ood_probs:
+        ``{method: {set: (S, M, K)}}`` on the OOD sets (``None``: no AUROC keys).
+    shift:
+        ``{method: {...}}`` from :func:`evaluate_corruptions` (``None``: no shift keys).
+
+    Returns
+    -------
+    A list of dicts with the keys ``method``, ``num_samples`` (S), ``accuracy``, ``nll``,
+    ``ece``, ``brier``, ``entropy``, ``mutual_information`` (means over the test set),
+    ``auroc/<set>/<score>`` for every OOD set and score, every key of ``shift``
+    (``corruption/<name>/<severity>/<metric>``) and ``severity/<s>/accuracy`` and
+    ``severity/<s>/ece``: the mean over the corruptions at severity ``s``.
+    """
+    rows = []
+    for method, probs in test_probs.items():
+        row: dict[str, Any] = {"method": method, "num_samples": int(probs.shape[0])}
+        row.update(summary_metrics(probs, labels, num_bins))
+        if ood_probs is not None:
+            row.update(ood_aurocs(probs, ood_probs[method]))
+        if shift is not None:
+            row.update(shift[method])
+            row.update(severity_means(shift[method]))
+        rows.append(row)
+    return rows
+
+
+def evaluate_methods(
+    models_by_method: Mapping[str, Sequence[nn.Module]],
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    ood_sets: Mapping[str, torch.Tensor] | None = None,
+    corruptions: Sequence[str] = (),
+    severities: Sequence[int] = SEVERITIES,
+    num_samples: int = 20,
+    corruption_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    autocast_dtype: torch.dtype | None = None,
+    num_bins: int = NUM_BINS,
+) -> list[dict[str, Any]]:
+    """The whole comparison: one row per method (keys: :func:`comparison_rows`).
+
+    Parameters
+    ----------
+    models_by_method:
+        ``{method: [networks]}``, methods among :data:`METHODS` (one network, except for
+        ``"ensemble"``), e.g. ``train_methods(...).models``.
+    test_images, test_labels:
+        The clean test set, ``uint8 (N, 3, 32, 32)`` and ``(N,)``.
+    ood_sets:
+        ``{name: uint8 images}`` (e.g. from :func:`bnn_course.ood.load_ood_sets`, without
+        the descriptions); ``None`` or empty: no OOD columns.
+    corruptions, severities:
+        Names in :data:`bnn_course.corruptions.CORRUPTIONS` and severities 1..5; each pair
+        is applied once to the test set and shared by all methods.
+    num_samples:
+        Samples for ``"bayesian"`` and ``"mc_dropout"`` on the clean and OOD sets.
+    corruption_samples:
+        Samples on the corrupted sets (default ``num_samples``).
+    seed:
+        Seed of the corruptions' noise (:func:`corruption_seed`).
+    """
+    sets = {"test": test_images}
+    ood_names = list(ood_sets or {})
+    if "test" in ood_names:
+        raise ValueError("an OOD set may not be called 'test'")
+    sets.update(ood_sets or {})
+    probs = predict_methods(models_by_method, sets, num_samples, batch_size, autocast_dtype)
+    test_probs = {method: p["test"] for method, p in probs.items()}
+    ood_probs = {method: {name: p[name] for name in ood_names} for method, p in probs.items()}
+    shift = None
+    if corruptions:
+        device = _model_device(next(iter(models_by_method.values())))
+        shift = evaluate_corruptions(
+            models_by_method, test_images.to(device), test_labels, corruptions, severities,
+            num_samples if corruption_samples is None else corruption_samples, seed,
+            batch_size, autocast_dtype, num_bins)
+    return comparison_rows(test_probs, test_labels, ood_probs if ood_names else None, shift,
+                           num_bins)
+
+
+def metric_direction(key: str) -> int:
+    """+1 if a larger value of the row key ``key`` is better (accuracy, AUROC), -1 if a
+    smaller one is (NLL, ECE, Brier), 0 if neither (entropy, mutual information, counts)."""
+    last = key.split("/")[-1]
+    first = key.split("/")[0]
+    if first == "auroc" or last in HIGHER_IS_BETTER:
+        return 1
+    if last in LOWER_IS_BETTER:
+        return -1
+    return 0
+
+
+def default_table_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys :func:`format_table` shows by default: the clean metrics, every OOD AUROC,
+    and the mean accuracy and ECE over the corruptions at each severity."""
+    keys = ["accuracy", "nll", "ece", "brier"]
+    seen = list(dict.fromkeys(k for row in rows for k in row))
+    keys += [k for k in seen if k.startswith("auroc/")]
+    keys += [k for k in seen if k.startswith("severity/")]
+    return [k for k in keys if any(k in row for row in rows)]
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None,
+                 caption: str | None = None, digits: int = 4) -> str:
+    """The rows as a plain-text table: one line per metric, one column per method.
+
+    The best value of each line is marked with ``*`` (largest accuracy and AUROC, smallest
+    NLL, ECE and Brier score; ties all marked). NaN is printed as ``n/a``. ``caption``, if
+    given, is printed above the table (say there which data and OOD sets were used).
+    """
+    keys = list(keys) if keys is not None else default_table_keys(rows)
+    methods = [str(row["method"]) for row in rows]
+    width = max(12, *(len(m) + 2 for m in methods))
+    name_width = max(len("metric"), *(len(k) for k in keys)) + 2
+    lines = [] if caption is None else [caption]
+    lines.append("metric".ljust(name_width) + "".join(m.rjust(width) for m in methods))
+    lines.append("-" * (name_width + width * len(methods)))
+    for key in keys:
+        values = [row.get(key, math.nan) for row in rows]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+        direction = metric_direction(key)
+        best = None
+        if direction and len(numbers) > 1:
+            best = max(numbers) if direction > 0 else min(numbers)
+        cells = []
+        for value in values:
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                cells.append("n/a".rjust(width))
+                continue
+            text = f"{value:.{digits}f}" + ("*" if best is not None and value == best else " ")
+            cells.append(text.rjust(width))
+        lines.append(key.ljust(name_width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def describe_sets(data_name: str, num_test: int, ood_sets: Mapping[str, Any],
+                  corruptions: Sequence[str], severities: Sequence[int]) -> str:
+    """One line naming the test data, the OOD sets and the corruptions behind a result."""
+    ood = ", ".join(f"{name} ({_length(value)})" for name, value in ood_sets.items()) or "none"
+    shift = ", ".join(corruptions) or "none"
+    levels = ",".join(str(s) for s in severities)
+    return (f"test set: {data_name}, {num_test} images | OOD sets: {ood} | "
+            f"corruptions: {shift} at severities {levels}")
+
+
+def _length(value: Any) -> int:
+    images = value[0] if isinstance(value, tuple) else value
+    return int(images.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# Training every method
+# --------------------------------------------------------------------------------------
+
+
+def method_configs(base_config: TrainConfig, methods: Sequence[str] = METHODS,
+                   ensemble_size: int = 5) -> list[tuple[str, str, TrainConfig]]:
+    """``(method, run name, config)`` of every network a comparison needs.
+
+    All share ``base_config`` (architecture, epochs, batch size, learning rate, seed ...);
+    only ``model`` differs, and the ensemble's members are deterministic twins with seeds
+    ``base_config.seed + i``, ``i = 0..ensemble_size-1``. Member 0 therefore has exactly the
+    configuration of ``"deterministic"`` (and :func:`train_methods` trains it only once).
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    if "ensemble" in methods and ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be >= 1, got {ensemble_size}")
+    runs = []
+    for method in methods:
+        if method == "ensemble":
+            runs += [(method, f"ensemble-{i}",
+                      dataclasses.replace(base_config, model="deterministic",
+                                          seed=base_config.seed + i))
+                     for i in range(ensemble_size)]
+        else:
+            runs.append((method, method, dataclasses.replace(base_config, model=method)))
+    return runs
+
+
+BAYESIAN_ONLY_FIELDS: tuple[str, ...] = ("kl_weight", "kl_scaling", "kl_warmup_epochs",
+                                         "init_log_sigma", "prior_sigma", "parametrization")
+""":class:`TrainConfig` fields that only a ``"bayesian"`` model uses (``dropout`` is used
+only by ``"mc_dropout"``)."""
+
+
+def config_differences(saved: Mapping[str, Any], config: TrainConfig,
+                       ignore: Sequence[str] = IGNORED_FOR_REUSE,
+                       only_used: bool = True) -> list[str]:
+    """``"field: saved X, wanted Y"`` for every field of ``config`` that ``saved`` (a
+    checkpoint's ``"config"`` dict) has differently, apart from ``ignore`` and, if
+    ``only_used``, the fields ``config.model`` does not use (:data:`BAYESIAN_ONLY_FIELDS`
+    unless ``"bayesian"``, ``dropout`` unless ``"mc_dropout"``)."""
+    unused = set(ignore)
+    if only_used and config.model != "bayesian":
+        unused.update(BAYESIAN_ONLY_FIELDS)
+    if only_used and config.model != "mc_dropout":
+        unused.add("dropout")
+    differences = []
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in unused:
+            continue
+        wanted = getattr(config, field.name)
+        have = saved.get(field.name)
+        if field.name == "channels" and have is not None:
+            have = tuple(have)
+        if have != wanted:
+            differences.append(f"{field.name}: saved {have!r}, wanted {wanted!r}")
+    return differences
+
+
+def reusable_checkpoint(path: str | os.PathLike, config: TrainConfig,
+                        data: CIFAR10Data) -> tuple[bool, str]:
+    """Whether the checkpoint at ``path`` holds a finished run of ``config`` on ``data``.
+
+    Finished: trained for ``config.epochs`` epochs; same configuration up to
+    :data:`IGNORED_FOR_REUSE`; trained on data of the same ``source``. Returns
+    ``(ok, reason)``, the reason in words either way.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False, f"no checkpoint at {path}"
+    try:
+        state = load_checkpoint(path)
+    except Exception as error:  # CheckpointError, or an unreadable file
+        return False, f"{path} could not be read ({error})"
+    differences = config_differences(state["config"], config)
+    if differences:
+        return False, f"{path} has another configuration ({'; '.join(differences)})"
+    if state.get("data_source") != data.source:
+        return False, (f"{path} was trained on {state.get('data_source')!r}, "
+                       f"not on {data.source!r}")
+    if int(state.get("epoch", 0)) != config.epochs:
+        return False, f"{path} stopped after epoch {state.get('epoch')} of {config.epochs}"
+    return True, f"{path} (trained on {data.name}, {config.epochs} epochs)"
+
+
+class TrainedMethods(NamedTuple):
+    """Output of :func:`train_methods`."""
+
+    models: dict[str, list[nn.Module]]
+    """``{method: [networks]}``: one network per method, ``ensemble_size`` for the ensemble."""
+    origins: dict[str, str]
+    """``{run name: how it was obtained}``: ``"trained ..."``, ``"reused ..."`` or
+    ``"same network as ..."``."""
+    seconds: dict[str, float]
+    """``{run name: wall-clock seconds}`` spent training (0 for a reused network)."""
+
+
+def train_methods(
+    data: CIFAR10Data,
+    base_config: TrainConfig,
+    methods: Sequence[str] = METHODS,
+    ensemble_size: int = 5,
+    out_dir: str | os.PathLike | None = None,
+    checkpoints: Mapping[str, str | os.PathLike] | None = None,
+    log: Callable[[str], None] = print,
+    train_log: Callable[[str], None] | None = None,
+) -> TrainedMethods:
+    """Train (or reuse) every network of :func:`method_configs` with :func:`train`.
+
+    For each run, in order:
+
+    1. a run of this call with the same configuration (ensemble member 0 and
+       ``"deterministic"``) gives its network;
+    2. a finished checkpoint (:func:`reusable_checkpoint`) at ``checkpoints[run name]`` (or
+       ``checkpoints[method]``, e.g. ``{"bayesian": "runs/ch06/checkpoint.pt"}``), then at
+       ``out_dir/<run name>/checkpoint.pt``, is loaded;
+    3. otherwise the network is trained into ``out_dir/<run name>`` (no checkpoint when
+       ``out_dir`` is ``None``), resuming an interrupted run of the same configuration.
+
+    One line per run says which of the three happened (through ``log``). ``train_log``
+    receives :func:`train`'s per-epoch lines (default: dropped).
+    """
+    checkpoints = dict(checkpoints or {})
+    quiet = train_log if train_log is not None else (lambda _line: None)
+    models: dict[str, list[nn.Module]] = {method: [] for method in methods}
+    origins: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    done: list[tuple[str, TrainConfig, nn.Module]] = []
+    for method, name, config in method_configs(base_config, methods, ensemble_size):
+        same = next(((other, model) for other, c, model in done if c == config), None)
+        if same is not None:
+            models[method].append(same[1])
+            origins[name] = f"same network as {same[0]} (identical configuration and seed)"
+            seconds[name] = 0.0
+            log(f"{name}: {origins[name]}")
+            continue
+        run_dir = Path(out_dir) / name if out_dir is not None else None
+        candidates = [checkpoints[key] for key in (name, method) if key in checkpoints]
+        if run_dir is not None:
+            candidates.append(run_dir / CHECKPOINT_NAME)
+        reasons = []
+        model = None
+        for candidate in dict.fromkeys(str(c) for c in candidates):
+            ok, reason = reusable_checkpoint(candidate, config, data)
+            if ok:
+                model, _ = load_trained_model(candidate, device=str(select_device(config.device)))
+                origins[name] = f"reused {reason}"
+                seconds[name] = 0.0
+                break
+            reasons.append(reason)
+        if model is None:
+            resume = False
+            if run_dir is not None and (run_dir / CHECKPOINT_NAME).is_file():
+                try:
+                    saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
+                    strict = config_differences(saved["config"], config, _RESUME_FREE,
+                                                only_used=False)
+                    resume = not strict and saved.get("data_source") == data.source
+                except Exception:  # unreadable: train afresh, overwriting it
+                    resume = False
+            started = time.perf_counter()
+            result = train(config, data, out_dir=run_dir, resume=resume, log=quiet)
+            seconds[name] = time.perf_counter() - started
+            model = result.model.eval()
+            last = result.history[-1]
+            why = "; ".join(reasons) if reasons else "no checkpoint given"
+            origins[name] = (f"trained here: {config.epochs} epochs in {seconds[name]:.1f} s "
+                             f"({last['images_per_second']:,.0f} images/s in the last epoch), "
+                             f"because {why}")
+        models[method].append(model)
+        done.append((name, config, model))
+        log(f"{name}: {origins[name]}")
+    return TrainedMethods(models, origins, seconds)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+SMOKE_DEFAULTS: dict[str, Any] = {
+    "epochs": 1, "channels": (4, 8, 16), "hidden_features": 32, "batch_size": 100,
+    "train_subset": 1000, "test_subset": 300, "ensemble_size": 2, "eval_samples": 4,
+    "corruption_samples": 2, "corruptions": ("gaussian_noise", "contrast"),
+    "ood_max_images": 200, "ood_sets": ("sklearn-digits", "uniform-noise"),
+}
+"""What ``--smoke`` changes (explicit flags still win): tiny networks and sets."""
+
+COMPARISON_NAME = "comparison.json"
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m bnn_course.comparison",
+        description="Train the BayesianCNN, its deterministic twin, MC dropout and a deep "
+                    "ensemble with one budget, and compare accuracy, NLL, ECE, Brier, OOD "
+                    "AUROC and accuracy/ECE under corruptions. Writes OUT/comparison.json "
+                    "and OUT/<run>/checkpoint.pt, prints the table.")
+    add = parser.add_argument
+    add("--data", default=None, help="folder with CIFAR-10 (default: $BNN_COURSE_DATA, "
+                                     "else ~/.cache/bnn_course/data)")
+    add("--out", default="runs/comparison", help="output folder (default: %(default)s)")
+    add("--smoke", action="store_true",
+        help="tiny budget and sets, to check that everything runs: "
+             + ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()))
+    add("--methods", type=_names, default=METHODS, metavar="M1,M2,...",
+        help="default: " + ",".join(METHODS))
+    add("--ensemble-size", type=int, default=5, help="default: %(default)s")
+    add("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
+    add("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    add("--lr", type=float, default=defaults.lr, help="default: %(default)s")
+    add("--dropout", type=float, default=defaults.dropout,
+        help="dropout probability of mc_dropout (default: %(default)s)")
+    add("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=defaults.channels, metavar="C1,C2,...", help="default: 32,64,128")
+    add("--hidden-features", type=int, default=defaults.hidden_features,
+        help="default: %(default)s")
+    add("--train-subset", type=int, default=None, metavar="N",
+        help="train on N training images, N/10 per class (default: all)")
+    add("--test-subset", type=int, default=None, metavar="N",
+        help="evaluate on N test images, N/10 per class (default: all)")
+    add("--eval-samples", type=int, default=20,
+        help="samples of bayesian and mc_dropout on clean and OOD sets (default: %(default)s)")
+    add("--corruption-samples", type=int, default=4,
+        help="samples on each corrupted set (default: %(default)s)")
+    add("--corruptions", type=_names, default=tuple(CORRUPTIONS), metavar="NAME,...",
+        help="corruptions of bnn_course.corruptions, or 'none' (default: all)")
+    add("--severities", type=lambda t: tuple(int(s) for s in _names(t)), default=SEVERITIES,
+        metavar="1,2,...", help="default: 1,2,3,4,5")
+    add("--ood-sets", type=_names, default=None, metavar="NAME,...",
+        help="keep only these of the OOD sets that can be loaded (default: all)")
+    add("--ood-max-images", type=int, default=2000,
+        help="at most this many images per OOD set (default: %(default)s)")
+    add("--no-download", action="store_true",
+        help="no download of CIFAR-10, SVHN or CIFAR-100 (only what is on disk)")
+    add("--reuse", action="append", default=[], metavar="RUN=PATH",
+        help="a finished checkpoint to reuse if its configuration matches, e.g. "
+             "bayesian=runs/ch06/checkpoint.pt (repeatable)")
+    add("--device", default="auto", help="default: %(default)s")
+    add("--seed", type=int, default=0, help="training seed and corruption seed (default: 0)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m bnn_course.comparison``; returns the JSON document."""
+    started = time.perf_counter()
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.smoke:
+        parser.set_defaults(**SMOKE_DEFAULTS)
+    args = parser.parse_args(argv)
+    corruptions = () if args.corruptions in (("none",), ()) else args.corruptions
+    checkpoints = {}
+    for item in args.reuse:
+        name, _, path = item.partition("=")
+        if not path:
+            parser.error(f"--reuse expects RUN=PATH, got {item!r}")
+        checkpoints[name] = path
+
+    base = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       dropout=args.dropout, channels=args.channels,
+                       hidden_features=args.hidden_features, train_subset=args.train_subset,
+                       epoch_eval_samples=0, eval_samples=0, seed=args.seed,
+                       device=args.device, progress=False)
+    device = select_device(args.device)
+    data = load_cifar10(args.data, smoke=args.smoke, device=device,
+                        allow_download=not args.no_download)
+    if args.test_subset is not None:
+        images, labels = stratified_subset(data.test_images, data.test_labels, args.test_subset)
+        data = dataclasses.replace(data, test_images=images, test_labels=labels)
+
+    from bnn_course.ood import load_ood_sets
+
+    generator = torch.Generator().manual_seed(args.seed)
+    loaded = load_ood_sets(args.data, allow_download=not args.no_download,
+                           max_images=args.ood_max_images, generator=generator)
+    if args.ood_sets is not None:
+        loaded = {name: value for name, value in loaded.items() if name in args.ood_sets}
+    caption = describe_sets(data.name, int(data.test_labels.shape[0]), loaded, corruptions,
+                            args.severities)
+    print(caption)
+
+    trained = train_methods(data, base, args.methods, args.ensemble_size, out_dir=args.out,
+                            checkpoints=checkpoints)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    evaluation_started = time.perf_counter()
+    rows = evaluate_methods(trained.models, data.test_images, data.test_labels,
+                            {name: images for name, (images, _) in loaded.items()},
+                            corruptions, args.severities, args.eval_samples,
+                            args.corruption_samples, args.seed, autocast_dtype=autocast_dtype)
+    evaluation_seconds = time.perf_counter() - evaluation_started
+    document = {
+        "rows": rows,
+        "config": dataclasses.asdict(base),
+        "methods": list(args.methods),
+        "ensemble_size": args.ensemble_size,
+        "eval_samples": args.eval_samples,
+        "corruption_samples": args.corruption_samples,
+        "corruptions": list(corruptions),
+        "severities": list(args.severities),
+        "ood_sets": {name: description for name, (_, description) in loaded.items()},
+        "origins": trained.origins,
+        "seconds": {"training": trained.seconds, "evaluation": evaluation_seconds,
+                    "total": time.perf_counter() - started},
+        "provenance": {
+            "mode": "smoke" if args.smoke else "full",
+            "device": device_description(device),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "bnn_course": __version__,
+            "data_source": data.source,
+            "data_name": data.name,
+            "num_train": base.train_subset or int(data.train_labels.shape[0]),
+            "num_test": int(data.test_labels.shape[0]),
+        },
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / (COMPARISON_NAME + ".tmp")
+    temporary.write_text(json.dumps(_without_nan(document), indent=2))
+    os.replace(temporary, out / COMPARISON_NAME)
+    print(format_table(rows, caption=caption))
+    print(f"wrote {out / COMPARISON_NAME}; device: {document['provenance']['device']}; "
+          f"{document['seconds']['total']:.1f} s in all "
+          f"(evaluation {evaluation_seconds:.1f} s)")
+    return document
+
+
+def _without_nan(value: Any) -> Any:
+    """``value`` with every float NaN replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(item) for item in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()

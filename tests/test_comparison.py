@@ -1,0 +1,274 @@
+"""The comparison of the BayesianCNN with its baselines (bnn_course.comparison).
+
+Tiny networks on the synthetic stand-in keep every test to seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bnn_course.comparison import (
+    METHODS,
+    comparison_rows,
+    corruption_seed,
+    evaluate_methods,
+    format_table,
+    iterate_corrupted,
+    main,
+    method_configs,
+    ood_aurocs,
+    sample_probs_for,
+    summary_metrics,
+    train_methods,
+)
+from bnn_course.data import synthetic_cifar10
+from bnn_course.metrics import OOD_SCORES
+from bnn_course.models import BayesianCNN, DeterministicCNN
+from bnn_course.ood import uniform_noise
+from bnn_course.train import TrainConfig, train
+from bnn_course.uncertainty import mutual_information
+
+TINY = {"channels": (4, 8), "hidden_features": 16, "batch_size": 40, "device": "cpu",
+        "progress": False, "epoch_eval_samples": 0, "eval_samples": 0, "epochs": 1}
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: faster on a shared machine, and repeatable sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return synthetic_cifar10(train_per_class=8, test_per_class=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def networks():
+    torch.manual_seed(0)
+    bayesian = BayesianCNN(channels=(4, 8), hidden_features=16, init_log_sigma=-2.0).eval()
+    deterministic = DeterministicCNN(channels=(4, 8), hidden_features=16).eval()
+    dropout = DeterministicCNN(channels=(4, 8), hidden_features=16, dropout=0.5).eval()
+    members = [DeterministicCNN(channels=(4, 8), hidden_features=16).eval() for _ in range(3)]
+    return {"bayesian": [bayesian], "deterministic": [deterministic],
+            "mc_dropout": [dropout], "ensemble": members}
+
+
+def test_sample_probs_shapes_and_rows(networks, tiny_data) -> None:
+    images = tiny_data.test_images[:12]
+    expected_samples = {"bayesian": 5, "deterministic": 1, "mc_dropout": 5, "ensemble": 3}
+    for method in METHODS:
+        probs = sample_probs_for(method, networks[method], images, num_samples=5)
+        assert probs.shape == (expected_samples[method], 12, 10), method
+        assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2]), atol=1e-5)
+        assert (probs >= 0).all()
+
+
+def test_mutual_information_zero_for_one_network_positive_for_samples(networks,
+                                                                      tiny_data) -> None:
+    images = tiny_data.test_images[:12]
+    single = sample_probs_for("deterministic", networks["deterministic"], images, 5)
+    assert torch.equal(mutual_information(single), torch.zeros(12))
+    # sampled weights (sigma = e^-2) and dropout masks disagree: MI > 0 for every input
+    for method in ("bayesian", "mc_dropout", "ensemble"):
+        probs = sample_probs_for(method, networks[method], images, 5)
+        assert (mutual_information(probs) > 1e-7).all(), method
+
+
+def test_ensemble_samples_are_the_members_passes(networks, tiny_data) -> None:
+    images = tiny_data.test_images[:12]
+    members = networks["ensemble"]
+    probs = sample_probs_for("ensemble", members, images, num_samples=99)
+    for index, member in enumerate(members):
+        alone = sample_probs_for("deterministic", [member], images, 1)[0]
+        assert torch.equal(probs[index], alone)
+
+
+def test_sample_probs_rejects_mismatched_inputs(networks, tiny_data) -> None:
+    images = tiny_data.test_images[:4]
+    with pytest.raises(ValueError, match="one network"):
+        sample_probs_for("bayesian", networks["ensemble"], images, 2)
+    with pytest.raises(ValueError, match="dropout"):
+        sample_probs_for("mc_dropout", networks["deterministic"], images, 2)
+    with pytest.raises(ValueError, match="Bayesian layers"):
+        sample_probs_for("bayesian", networks["deterministic"], images, 2)
+    with pytest.raises(ValueError, match="unknown method"):
+        sample_probs_for("laplace", networks["deterministic"], images, 2)
+
+
+def test_metrics_use_the_average_of_probabilities() -> None:
+    # Two samples, certain of different classes: the predictive is (1/2, 1/2), so the NLL is
+    # log 2 and the Brier score 1/2 (averaging log-probabilities would give infinity).
+    probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # (S=2, N=1, K=2)
+    labels = torch.tensor([0])
+    metrics = summary_metrics(probs, labels)
+    assert metrics["nll"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["brier"] == pytest.approx(0.5, abs=1e-6)
+    assert metrics["entropy"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["mutual_information"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["ece"] == pytest.approx(0.5, abs=1e-6)  # confidence 1/2, right: |1 - 1/2|
+
+
+def test_ood_auroc_by_score_and_set() -> None:
+    # In-distribution: confident single predictions; OOD: uniform -> perfectly separated
+    confident = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.8, 0.2]])
+    test = torch.stack([confident, confident])  # (2, 3, 2), samples agree: MI = 0
+    ood = {"flat": torch.full((2, 4, 2), 0.5)}
+    aurocs = ood_aurocs(test, ood)
+    assert set(aurocs) == {f"auroc/flat/{score}" for score in OOD_SCORES}
+    assert aurocs["auroc/flat/entropy"] == 1.0
+    assert aurocs["auroc/flat/one_minus_max_prob"] == 1.0
+    assert aurocs["auroc/flat/mutual_information"] == 0.5  # all zero: ties, chance
+    assert math.isnan(ood_aurocs(test[:1], ood)["auroc/flat/mutual_information"])
+
+
+def test_corruptions_are_repeatable_and_distinct(tiny_data) -> None:
+    images = tiny_data.test_images[:6]
+    first = list(iterate_corrupted(images, ["gaussian_noise", "contrast"], (1, 3), seed=5))
+    again = list(iterate_corrupted(images, ["contrast", "gaussian_noise"], (3, 1), seed=5))
+    assert [(n, s) for n, s, _ in first] == [("gaussian_noise", 1), ("gaussian_noise", 3),
+                                             ("contrast", 1), ("contrast", 3)]
+    by_key = {(n, s): x for n, s, x in again}
+    for name, severity, corrupted in first:  # same images whatever the order
+        assert torch.equal(corrupted, by_key[(name, severity)])
+        assert corrupted.shape == images.shape and corrupted.dtype == torch.uint8
+    assert corruption_seed(5, "gaussian_noise", 1) != corruption_seed(5, "gaussian_noise", 3)
+    other = next(iterate_corrupted(images, ["gaussian_noise"], (1,), seed=6))[2]
+    assert not torch.equal(other, first[0][2])
+
+
+def test_rows_have_every_key_and_an_ensemble_of_copies_is_one_network(networks,
+                                                                      tiny_data) -> None:
+    member = networks["deterministic"][0]
+    models = {"bayesian": networks["bayesian"], "deterministic": [member],
+              "mc_dropout": networks["mc_dropout"], "ensemble": [member, member, member]}
+    ood = {"noise": uniform_noise(10, torch.Generator().manual_seed(0)),
+           "digits-ish": uniform_noise(8, torch.Generator().manual_seed(1)) // 2}
+    corruptions = ["gaussian_noise", "contrast"]
+    rows = evaluate_methods(models, tiny_data.test_images, tiny_data.test_labels, ood,
+                            corruptions, severities=(1, 2, 3, 4, 5), num_samples=3,
+                            corruption_samples=2, seed=0)
+    assert [row["method"] for row in rows] == list(METHODS)
+    expected = {"method", "num_samples", "accuracy", "nll", "ece", "brier", "entropy",
+                "mutual_information"}
+    expected |= {f"auroc/{name}/{score}" for name in ood for score in OOD_SCORES}
+    expected |= {f"corruption/{name}/{s}/{metric}" for name in corruptions for s in range(1, 6)
+                 for metric in ("accuracy", "nll", "ece", "brier", "entropy",
+                                "mutual_information")}
+    expected |= {f"severity/{s}/{metric}" for s in range(1, 6) for metric in ("accuracy", "ece")}
+    for row in rows:
+        assert set(row) == expected
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["ensemble"]["num_samples"] == 3
+    assert by_method["mc_dropout"]["num_samples"] == 3
+    assert by_method["deterministic"]["num_samples"] == 1
+    # three identical members: the same predictions as the member alone (corruptions
+    # included, since every method sees the same corrupted images), and no disagreement
+    single, ensemble = by_method["deterministic"], by_method["ensemble"]
+    for key, value in single.items():
+        if key in ("method", "num_samples") or "mutual_information" in key:
+            continue
+        assert ensemble[key] == pytest.approx(value, abs=1e-6), key
+    assert ensemble["mutual_information"] < 1e-6
+    # the severity columns are the means over the corruptions
+    for s in range(1, 6):
+        mean = sum(single[f"corruption/{n}/{s}/accuracy"] for n in corruptions) / 2
+        assert single[f"severity/{s}/accuracy"] == pytest.approx(mean)
+    table = format_table(rows, caption="test caption")
+    lines = table.splitlines()
+    assert lines[0] == "test caption"
+    assert all(method in lines[1] for method in METHODS)
+    assert sum(line.startswith("severity/") for line in lines) == 10
+    assert "n/a" in next(line for line in lines if "mutual_information" in line)
+
+
+def test_comparison_rows_match_direct_metrics() -> None:
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 50, 10), -1)
+    labels = torch.randint(0, 10, (50,))
+    row = comparison_rows({"bayesian": probs}, labels)[0]
+    predictive = probs.mean(0)
+    nll = -predictive[torch.arange(50), labels].double().log().mean().item()
+    assert row["nll"] == pytest.approx(nll, rel=1e-6)
+    assert row["accuracy"] == (predictive.argmax(-1) == labels).double().mean().item()
+    one_hot = torch.nn.functional.one_hot(labels, 10)
+    assert row["brier"] == pytest.approx((predictive - one_hot).pow(2).sum(-1).mean().item(),
+                                         rel=1e-5)
+
+
+def test_format_table_marks_the_best_value() -> None:
+    rows = [{"method": "a", "accuracy": 0.9, "nll": 0.5},
+            {"method": "b", "accuracy": 0.8, "nll": 0.4}]
+    lines = format_table(rows, keys=["accuracy", "nll"]).splitlines()
+    assert "0.9000*" in lines[2] and "0.8000*" not in lines[2]
+    assert "0.4000*" in lines[3] and "0.5000*" not in lines[3]
+
+
+def test_method_configs_share_the_budget() -> None:
+    base = TrainConfig(epochs=3, seed=10, **{k: v for k, v in TINY.items() if k != "epochs"})
+    runs = method_configs(base, METHODS, ensemble_size=3)
+    assert [name for _, name, _ in runs] == ["bayesian", "deterministic", "mc_dropout",
+                                             "ensemble-0", "ensemble-1", "ensemble-2"]
+    configs = {name: config for _, name, config in runs}
+    assert configs["mc_dropout"].model == "mc_dropout"
+    assert [configs[f"ensemble-{i}"].seed for i in range(3)] == [10, 11, 12]
+    assert configs["ensemble-0"] == configs["deterministic"]
+    assert all(c.epochs == 3 and c.channels == (4, 8) for c in configs.values())
+
+
+def test_train_methods_reuses_and_trains(tiny_data, tmp_path) -> None:
+    base = TrainConfig(**TINY)
+    # a finished Bayesian run, as chapter 6 leaves one
+    saved = train(base, tiny_data, out_dir=tmp_path / "ch06", log=quiet)
+    lines: list[str] = []
+    result = train_methods(tiny_data, base, METHODS, ensemble_size=2, out_dir=tmp_path / "cmp",
+                           checkpoints={"bayesian": tmp_path / "ch06" / "checkpoint.pt"},
+                           log=lines.append)
+    assert len(lines) == 5 and lines[0].startswith("bayesian: reused")
+    bayesian = result.models["bayesian"][0]
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(bayesian.state_dict()[key], value)
+    assert result.origins["ensemble-0"].startswith("same network as deterministic")
+    assert result.models["ensemble"][0] is result.models["deterministic"][0]
+    one, two = result.models["ensemble"]
+    assert not torch.equal(one.classifier.weight, two.classifier.weight)  # other seed
+    assert result.origins["mc_dropout"].startswith("trained here")
+    assert result.models["mc_dropout"][0].dropout == base.dropout
+    # a second call finds the finished runs in out_dir; another budget is not reused
+    again = train_methods(tiny_data, base, ["deterministic"], out_dir=tmp_path / "cmp", log=quiet)
+    assert again.origins["deterministic"].startswith("reused")
+    other = TrainConfig(**{**TINY, "hidden_features": 8})
+    lines.clear()
+    train_methods(tiny_data, other, ["bayesian"], log=lines.append,
+                  checkpoints={"bayesian": tmp_path / "ch06" / "checkpoint.pt"})
+    assert lines[0].startswith("bayesian: trained here") and "hidden_features" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore:SYNTHETIC STAND-IN")
+def test_command_line_smoke(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    document = main(["--smoke", "--data", str(tmp_path / "no-data"), "--no-download",
+                     "--out", str(out), "--train-subset", "100", "--test-subset", "50",
+                     "--ood-max-images", "20", "--severities", "1,5",
+                     "--corruption-samples", "1", "--eval-samples", "2"])
+    written = json.loads((out / "comparison.json").read_text())
+    assert written["methods"] == list(METHODS)
+    assert [row["method"] for row in written["rows"]] == list(METHODS)
+    assert set(written["ood_sets"]) == {"sklearn-digits", "uniform-noise"}
+    assert written["provenance"]["data_name"] == "synthetic stand-in (not CIFAR-10)"
+    assert written["rows"][1]["auroc/uniform-noise/mutual_information"] is None  # NaN
+    assert "severity/5/accuracy" in written["rows"][0] and len(document["rows"]) == 4
+    printed = capsys.readouterr().out
+    assert "OOD sets: sklearn-digits (20), uniform-noise (20)" in printed
+    assert "severity/1/ece" in printed and "wrote" in printed
