@@ -38,14 +38,6 @@ TINY = ["--device", "cpu", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--windows", "2", "--channels", "4,8", "--hidden-features", "16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, thread hand-offs dominate tiny models' steps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _check_result(result: dict, batch_size: int, steps: int, windows: int) -> None:
     assert result["timed_steps"] == steps

@@ -40,14 +40,6 @@ def quiet(_: str) -> None:
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: faster on a shared machine, and repeatable sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_data():

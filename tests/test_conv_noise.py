@@ -18,15 +18,6 @@ from bnn_course.conv_noise import (
 from bnn_course.layers import BayesianConv2dFlipout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny convolutions run fastest on one thread (and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(seed: int = 0) -> BayesianConv2dFlipout:
     torch.manual_seed(seed)
     layer = BayesianConv2dFlipout(2, 3, kernel_size=3, init_log_sigma=math.log(0.3))

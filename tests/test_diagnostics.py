@@ -42,15 +42,6 @@ from bnn_course.train import TrainConfig, train
 from bnn_course.weight_noise import signal_to_noise_by_layer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and steadier than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class DenseClassifier(nn.Module):
     """One Bayesian dense layer and a log-softmax, with the BayesianCNN interface."""
 

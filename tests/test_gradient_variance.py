@@ -25,15 +25,6 @@ from bnn_course.layers import BayesianDenseFlipout
 from bnn_course.seeding import seed_everything
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and steadier than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(in_features: int = 5, out_features: int = 3, sigma: float = 0.4,
            parametrization: str = "log") -> BayesianDenseFlipout:
     """A layer with unequal sigmas, so that a wrong index in sigma^2 x^2 would show."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from bnn_course import config as run_config
 from bnn_course.data import load_cifar10, synthetic_cifar10
@@ -24,14 +23,6 @@ from bnn_course.train import RECIPES, TrainConfig, TrainResult, train
 SHORT = {"channels": (8, 16), "hidden_features": 32, "batch_size": 32, "device": "cpu",
          "progress": False, "epoch_eval_samples": 0, "eval_samples": 4}
 
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread (small convolutions run faster so on a shared machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def chance_bound(num_test: int, standard_errors: float) -> float:
@@ -57,7 +48,7 @@ def check_seed_fails_and_default_learns(data, **overrides) -> None:
     assert default.final["accuracy_mc"] > learned, default.final
 
 
-def test_seed_recipe_stays_at_chance_and_default_learns_on_synthetic_data(one_thread) -> None:
+def test_seed_recipe_stays_at_chance_and_default_learns_on_synthetic_data() -> None:
     # 600 training images, 19 steps per epoch, 228 steps; 500 test images.
     data = synthetic_cifar10(train_per_class=60, test_per_class=50, seed=3)
     check_seed_fails_and_default_learns(data, epochs=12)
@@ -65,7 +56,7 @@ def test_seed_recipe_stays_at_chance_and_default_learns_on_synthetic_data(one_th
 
 @pytest.mark.skipif(run_config.data_root() is None,
                     reason="BNN_COURSE_DATA does not name a CIFAR-10 copy")
-def test_seed_recipe_stays_at_chance_and_default_learns_on_cifar10(one_thread) -> None:
+def test_seed_recipe_stays_at_chance_and_default_learns_on_cifar10() -> None:
     # 2,000 training images, 63 steps per epoch, 315 steps; 1,000 test images.
     data = load_cifar10(run_config.data_root(), smoke=False, allow_download=False,
                         test_per_class=100, verbose=False)
