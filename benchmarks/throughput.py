@@ -79,7 +79,7 @@ from torch import nn
 
 from bnn_course.data import augment as augment_images
 from bnn_course.data import normalize
-from bnn_course.models import BayesianCNN, DeterministicCNN
+from bnn_course.models import BayesianCNN, DeterministicCNN, flat_feature_count
 from bnn_course.provenance import device_description
 from bnn_course.seeding import seed_everything
 from bnn_course.train import select_device
@@ -148,10 +148,7 @@ class BayesianTorchCNN(nn.Module):
         super().__init__()
         from bayesian_torch.layers import Conv2dFlipout, LinearFlipout
 
-        downsampling = 2 ** len(channels)
-        if image_size % downsampling:
-            raise ValueError(f"image_size ({image_size}) must be divisible by "
-                             f"2**len(channels) = {downsampling}")
+        flat_features = flat_feature_count(image_size, channels)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
@@ -167,7 +164,6 @@ class BayesianTorchCNN(nn.Module):
             convs.append(Conv2dFlipout(width, width, 3, padding=1, **layer_args))
             previous = width
         self.convs = nn.ModuleList(convs)
-        flat_features = previous * (image_size // downsampling) ** 2
         self.hidden = LinearFlipout(flat_features, hidden_features, **layer_args)
         self.classifier = LinearFlipout(hidden_features, num_classes, **layer_args)
         self._reset_means()

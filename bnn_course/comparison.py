@@ -135,9 +135,8 @@ def sample_probs_for(
     * ``"ensemble"``: a sequence of :math:`M` networks, one ``sample=False`` pass each;
       :math:`S = M` and ``num_samples`` is ignored.
 
-    The passes are those of :func:`bnn_course.evaluation.predict_log_probs` (which also
-    makes one ``sample=False`` pass; for ``"bayesian"`` and ``"mc_dropout"`` it is not
-    used). ``images`` must be on the networks' device.
+    The passes are those of :func:`bnn_course.evaluation.predict_log_probs`.
+    ``images`` must be on the networks' device.
 
     Returns
     -------
@@ -162,7 +161,8 @@ def sample_probs_for(
                          "every pass gives the same probabilities")
     if method == "bayesian" and not any(True for _ in model.bayesian_layers()):
         raise ValueError("method 'bayesian' needs a network with Bayesian layers")
-    return predict_log_probs(model, images, num_samples, batch_size, autocast_dtype)[1].exp()
+    return predict_log_probs(model, images, num_samples, batch_size, autocast_dtype,
+                             include_mean=False)[1].exp()
 
 
 def predict_methods(

@@ -34,7 +34,8 @@ def predict_log_probs(
     num_samples: int,
     batch_size: int = 1000,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    include_mean: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Posterior-mean and per-sample log-probabilities for ``images``.
 
     Parameters
@@ -48,13 +49,19 @@ def predict_log_probs(
     autocast_dtype:
         Run the passes under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16`` on
         CUDA); ``None`` for full precision.
+    include_mean:
+        Also make the ``sample=False`` pass; ``False`` skips it (callers that only need the
+        samples) and returns ``None`` in its place.
 
     Returns
     -------
-    (mean_log_probs ``(N, K)``, sample_log_probs ``(S, N, K)``), float32, on ``images``' device.
+    (mean_log_probs ``(N, K)`` or ``None``, sample_log_probs ``(S, N, K)``), float32, on
+    ``images``' device.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if num_samples == 0 and not include_mean:
+        raise ValueError("nothing to predict: num_samples is 0 and include_mean is False")
     was_training = model.training
     model.eval()
     means, samples = [], []
@@ -64,13 +71,14 @@ def predict_log_probs(
             x = normalize(images[start:start + batch_size])
             with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
-                means.append(model(x, sample=False).float())
-                samples.append(torch.stack(
-                    [model(x, sample=True).float() for _ in range(num_samples)]
-                ) if num_samples else x.new_empty((0, x.shape[0], 0)))
+                if include_mean:
+                    means.append(model(x, sample=False).float())
+                if num_samples:
+                    samples.append(torch.stack(
+                        [model(x, sample=True).float() for _ in range(num_samples)]))
     finally:
         model.train(was_training)
-    mean_log_probs = torch.cat(means)
+    mean_log_probs = torch.cat(means) if include_mean else None
     if num_samples:
         sample_log_probs = torch.cat(samples, dim=1)
     else:

@@ -23,6 +23,19 @@ from torch import nn
 from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout, _BayesianLayer
 
 
+def flat_feature_count(image_size: int, channels: Sequence[int]) -> int:
+    """Features after the convolution blocks: ``channels[-1] * (image_size / 2**blocks)**2``.
+
+    Each block of two 3x3 convolutions ends with a 2x2 max pool, so ``image_size`` must be
+    divisible by ``2 ** len(channels)``; a ``ValueError`` says so otherwise.
+    """
+    downsampling = 2 ** len(channels)
+    if image_size % downsampling:
+        raise ValueError(f"image_size ({image_size}) must be divisible by "
+                         f"2**len(channels) = {downsampling}")
+    return int(channels[-1]) * (image_size // downsampling) ** 2
+
+
 def _check_images(x: torch.Tensor, in_channels: int, image_size: int, name: str) -> None:
     expected = (in_channels, image_size, image_size)
     if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -67,10 +80,7 @@ class BayesianCNN(nn.Module):
         parametrization: str = "log",
     ) -> None:
         super().__init__()
-        downsampling = 2 ** len(channels)
-        if image_size % downsampling:
-            raise ValueError(f"image_size ({image_size}) must be divisible by "
-                             f"2**len(channels) = {downsampling}")
+        flat_features = flat_feature_count(image_size, channels)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
@@ -84,7 +94,6 @@ class BayesianCNN(nn.Module):
             convs.append(BayesianConv2dFlipout(width, width, 3, padding=1, **layer_args))
             previous = width
         self.convs = nn.ModuleList(convs)
-        flat_features = previous * (image_size // downsampling) ** 2
         self.hidden = BayesianDenseFlipout(flat_features, hidden_features, **layer_args)
         self.classifier = BayesianDenseFlipout(hidden_features, num_classes, **layer_args)
 
@@ -138,10 +147,7 @@ class DeterministicCNN(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = float(dropout)
-        downsampling = 2 ** len(channels)
-        if image_size % downsampling:
-            raise ValueError(f"image_size ({image_size}) must be divisible by "
-                             f"2**len(channels) = {downsampling}")
+        flat_features = flat_feature_count(image_size, channels)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
@@ -152,7 +158,7 @@ class DeterministicCNN(nn.Module):
             convs.append(nn.Conv2d(width, width, 3, padding=1))
             previous = width
         self.convs = nn.ModuleList(convs)
-        self.hidden = nn.Linear(previous * (image_size // downsampling) ** 2, hidden_features)
+        self.hidden = nn.Linear(flat_features, hidden_features)
         self.classifier = nn.Linear(hidden_features, num_classes)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:

@@ -64,6 +64,10 @@ def test_evaluate_on_a_model() -> None:
                            for k in ("mean", "mc")}
     assert 0 <= result["accuracy_mc"] <= 1 and result["nll_mean"] > 0
     assert model.training, "evaluation must restore the training mode"
+    no_mean, only_samples = predict_log_probs(model, images, 2, include_mean=False)
+    assert no_mean is None and only_samples.shape == (2, 30, 10)
+    with pytest.raises(ValueError, match="nothing to predict"):
+        predict_log_probs(model, images, 0, include_mean=False)
     assert set(evaluate(model, images, labels, num_samples=0)) == {
         "accuracy_mean", "nll_mean", "entropy_mean"}
 
