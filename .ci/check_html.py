@@ -1,6 +1,7 @@
 """Load every page of the built book in headless Chromium and check what a reader would see.
 
 Usage: python .ci/check_html.py [_build/html] [--screenshots DIR] [--chromium PATH]
+                                [--window-size W,H]
 
 The book is served on 127.0.0.1 (a free port) by Python's http.server. Chromium is driven
 through the DevTools protocol over a small built-in WebSocket client, so nothing beyond the
@@ -15,6 +16,13 @@ standard library is needed. For each page it checks:
 * MathJax typeset every math element (each ``.math`` node holds an ``mjx-container``),
   no TeX error (``mjx-merror``) was produced, and no raw TeX (``$$``, ``\\(``, ``\\[`` or
   ``$...\\cmd...$``) is left in the visible prose outside code blocks.
+* every display equation fits its column: a MathJax ``mjx-container[display="true"]``
+  whose typeset width (its ``scrollWidth``, or the width of the ``mjx-math`` inside it) is
+  larger than the content width of its parent element is cut off or needs scrolling, and
+  fails the page (break it with ``aligned`` or ``split``).
+
+Code cells and text outputs that need horizontal scrolling are counted and reported in each
+page's summary line and in a total at the end, but do not fail the check.
 
 Pages that are only a ``<meta http-equiv="Refresh">`` redirect (index.html) are checked for
 a target that exists. Exit status 0 when every page passes, 1 otherwise.
@@ -93,6 +101,33 @@ PAGE_PROBE = r"""
     e.remove();
   }
   const text = main.textContent;
+  // Display math wider than its column (MathJax CHTML): cut off or scrolled for a reader.
+  result.mathOverflow = [];
+  for (const c of document.querySelectorAll('mjx-container[display="true"]')) {
+    const parent = c.parentElement;
+    if (!parent) continue;
+    const style = getComputedStyle(parent);
+    const available = parent.clientWidth - parseFloat(style.paddingLeft || '0')
+                      - parseFloat(style.paddingRight || '0');
+    const inner = c.querySelector('mjx-math');
+    const width = Math.max(c.scrollWidth,
+                           inner ? inner.getBoundingClientRect().width : 0);
+    if (available > 0 && width > available + 1) {
+      const tex = (c.querySelector('mjx-assistive-mml') || c).textContent
+                  || (parent.getAttribute('data-tex') || '');
+      result.mathOverflow.push({width: Math.round(width), available: Math.round(available),
+                                text: tex.replace(/\s+/g, ' ').slice(0, 60)});
+    }
+  }
+  // Code cells (their source) and their text outputs that need horizontal scrolling:
+  // counted, not failed.
+  const scrolls = e => e.scrollWidth > e.clientWidth + 1;
+  const codeCells = Array.from(document.querySelectorAll('div.cell_input pre'));
+  const outputs = Array.from(document.querySelectorAll('div.cell_output pre'));
+  result.codeBlocks = codeCells.length;
+  result.codeOverflow = codeCells.filter(scrolls).length;
+  result.outputBlocks = outputs.length;
+  result.outputOverflow = outputs.filter(scrolls).length;
   const patterns = [/\$\$/g, /\\\(/g, /\\\[/g, /\$[^$\n]*\\[A-Za-z]+[^$\n]*\$/g];
   for (const re of patterns) {
     for (const m of text.matchAll(re)) {
@@ -289,6 +324,17 @@ def pages_of(root: Path) -> list[Path]:
                   if not skip.intersection(p.relative_to(root).parts))
 
 
+CODE_OVERFLOW = {"cells": 0, "of": 0, "outputs": 0, "outputs_of": 0}
+"""Code cells and text outputs that need horizontal scrolling, over all pages checked
+(reported, not failed)."""
+
+
+def math_overflow_problems(overflows: list[dict]) -> list[str]:
+    """One problem line per display equation wider than its column (from the page probe)."""
+    return [f"display math wider than its column ({o['width']} px > {o['available']} px): "
+            f"{o['text']!r}" for o in overflows]
+
+
 def check_page(dt: DevTools, base: str, rel: str, shots: Path | None) -> tuple[list[str], str]:
     """Problems found on one page, and a one-line summary."""
     target = dt.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -339,7 +385,8 @@ def check_page(dt: DevTools, base: str, rel: str, shots: Path | None) -> tuple[l
         if "exceptionDetails" in probe:
             problems.append(f"page probe failed: {probe['exceptionDetails'].get('text')}")
             report: dict = {"images": [], "math": 0, "untypeset": [], "merrors": [],
-                            "rawTex": [], "mathjax": None}
+                            "rawTex": [], "mathjax": None, "mathOverflow": [],
+                            "codeBlocks": 0, "codeOverflow": 0}
         else:
             report = probe["result"]["value"]
         dt.pump(0.2)  # late console messages
@@ -400,8 +447,15 @@ def check_page(dt: DevTools, base: str, rel: str, shots: Path | None) -> tuple[l
             problems.append(f"TeX error: {err!r}")
         for raw in report["rawTex"]:
             problems.append(f"raw TeX in the text: ...{raw}...")
+        problems += math_overflow_problems(report.get("mathOverflow", []))
+        for key, count in (("cells", "codeOverflow"), ("of", "codeBlocks"),
+                           ("outputs", "outputOverflow"), ("outputs_of", "outputBlocks")):
+            CODE_OVERFLOW[key] += report.get(count, 0)
         summary = (f"images {len(report['images'])}, math {report['math']}, "
-                   f"requests {requests}")
+                   f"requests {requests}; scrolling: code cells "
+                   f"{report.get('codeOverflow', 0)} of {report.get('codeBlocks', 0)}, "
+                   f"text outputs {report.get('outputOverflow', 0)} of "
+                   f"{report.get('outputBlocks', 0)}")
         return problems, summary
     finally:
         dt.call("Target.closeTarget", {"targetId": target})
@@ -412,6 +466,10 @@ def main() -> int:
     parser.add_argument("html", nargs="?", default="_build/html", type=Path)
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     parser.add_argument("--screenshots", type=Path, help="save a PNG of every page here")
+    parser.add_argument("--window-size", default="1200,900", metavar="W,H",
+                        help="browser window in CSS pixels (default 1200,900: the text "
+                             "column is then about 590 px, 69 code characters; from 1440 "
+                             "px wide it is 754 px, 89 characters)")
     args = parser.parse_args()
 
     root = args.html.resolve()
@@ -424,6 +482,8 @@ def main() -> int:
     if args.screenshots:
         args.screenshots.mkdir(parents=True, exist_ok=True)
 
+    CHROMIUM_FLAGS[:] = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size=")]
+    CHROMIUM_FLAGS.append(f"--window-size={args.window_size}")
     pages = pages_of(root)
     server, port = serve(root)
     base = f"http://127.0.0.1:{port}"
@@ -459,6 +519,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             server.shutdown()
+    print(f"check_html: horizontal scrolling (reported, not failed): "
+          f"{CODE_OVERFLOW['cells']} of {CODE_OVERFLOW['of']} code cells, "
+          f"{CODE_OVERFLOW['outputs']} of {CODE_OVERFLOW['outputs_of']} text outputs")
     if failures:
         print(f"check_html: {failures} of {len(pages)} pages FAILED", file=sys.stderr)
         return 1

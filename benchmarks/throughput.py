@@ -79,7 +79,8 @@ from torch import nn
 
 from bnn_course.data import augment as augment_images
 from bnn_course.data import normalize
-from bnn_course.models import BayesianCNN, DeterministicCNN, flat_feature_count
+from bnn_course.elbo import negative_elbo
+from bnn_course.models import BayesianCNN, CNNStack, DeterministicCNN
 from bnn_course.provenance import device_description
 from bnn_course.seeding import seed_everything
 from bnn_course.train import select_device
@@ -120,11 +121,12 @@ def bayesian_torch_version() -> str | None:
         return "unknown version"
 
 
-class BayesianTorchCNN(nn.Module):
+class BayesianTorchCNN(CNNStack):
     """The BayesianCNN's architecture built from bayesian-torch's Flipout layers.
 
     Same layers, widths, ReLUs, max pools and log-softmax as
-    :class:`bnn_course.models.BayesianCNN`; every layer is a ``Conv2dFlipout`` or
+    :class:`bnn_course.models.BayesianCNN` (the same layout,
+    :class:`bnn_course.models.CNNStack`); every layer is a ``Conv2dFlipout`` or
     ``LinearFlipout`` and returns ``(output, kl)``. Its convolutions draw per-pixel signs
     (see the module docstring): a different estimator from ours.
 
@@ -145,32 +147,23 @@ class BayesianTorchCNN(nn.Module):
         prior_sigma: float = 1.0,
         init_log_sigma: float = -5.0,
     ) -> None:
-        super().__init__()
         from bayesian_torch.layers import Conv2dFlipout, LinearFlipout
 
-        flat_features = flat_feature_count(image_size, channels)
-        self.num_classes = int(num_classes)
-        self.in_channels = int(in_channels)
-        self.image_size = int(image_size)
         # sigma = softplus(rho), rho ~ N(posterior_rho_init, 0.1^2): start around ours.
         rho = math.log(math.expm1(math.exp(init_log_sigma)))
         # bayesian-torch fills its prior "variance" buffers into prior_*_sigma: a std.
         layer_args = {"prior_mean": 0.0, "prior_variance": prior_sigma,
                       "posterior_mu_init": 0.0, "posterior_rho_init": rho}
-        convs = []
-        previous = self.in_channels
-        for width in channels:
-            convs.append(Conv2dFlipout(previous, width, 3, padding=1, **layer_args))
-            convs.append(Conv2dFlipout(width, width, 3, padding=1, **layer_args))
-            previous = width
-        self.convs = nn.ModuleList(convs)
-        self.hidden = LinearFlipout(flat_features, hidden_features, **layer_args)
-        self.classifier = LinearFlipout(hidden_features, num_classes, **layer_args)
+        super().__init__(
+            lambda c_in, c_out: Conv2dFlipout(c_in, c_out, 3, padding=1, **layer_args),
+            lambda f_in, f_out: LinearFlipout(f_in, f_out, **layer_args),
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+            channels=channels, hidden_features=hidden_features)
         self._reset_means()
 
     def _reset_means(self) -> None:
         """Means as in ``nn.Conv2d``/``nn.Linear`` (and as ours): uniform on 1/sqrt(fan_in)."""
-        for layer in (*self.convs, self.hidden, self.classifier):
+        for layer in self.layers():
             weight = layer.mu_kernel if hasattr(layer, "mu_kernel") else layer.mu_weight
             with torch.no_grad():
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
@@ -179,41 +172,31 @@ class BayesianTorchCNN(nn.Module):
                     nn.init.uniform_(layer.mu_bias, -bound, bound)
 
     def flipout_layers(self) -> list[nn.Module]:
-        """The eight Flipout layers, input to output."""
-        return [*self.convs, self.hidden, self.classifier]
+        """The Flipout layers, input to output."""
+        return self.layers()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One Flipout sample: ``(log_probs (B, num_classes), kl scalar)``."""
         kls = []
-        for index, conv in enumerate(self.convs):
-            x, kl = conv(x)
-            kls.append(kl)
-            x = F.relu(x)
-            if index % 2 == 1:
-                x = F.max_pool2d(x, 2)
-        x, kl = self.hidden(torch.flatten(x, 1))
-        kls.append(kl)
-        logits, kl = self.classifier(F.relu(x))
-        kls.append(kl)
-        return F.log_softmax(logits.float(), dim=-1), torch.stack(kls).float().sum()
+
+        def call(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            output = stage(h)
+            if isinstance(output, tuple):  # a Flipout layer: (output, kl)
+                output, kl = output
+                kls.append(kl)
+            return output
+
+        log_probs = self.run_stages(x, call)
+        return log_probs, torch.stack(kls).float().sum()
 
     def kl_divergence(self) -> torch.Tensor:
         """The layers' KL terms recomputed from the parameters (``kl_loss()``), summed."""
         return torch.stack([layer.kl_loss() for layer in self.flipout_layers()]).sum()
 
 
-def build_bayesian_torch_cnn(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int = 32,
-    channels: Sequence[int] = (32, 64, 128),
-    hidden_features: int = 256,
-    prior_sigma: float = 1.0,
-    init_log_sigma: float = -5.0,
-) -> BayesianTorchCNN:
-    """:class:`BayesianTorchCNN`; raises ``ImportError`` when bayesian-torch is missing."""
-    return BayesianTorchCNN(num_classes, in_channels, image_size, channels, hidden_features,
-                            prior_sigma, init_log_sigma)
+def build_bayesian_torch_cnn(**kwargs: Any) -> BayesianTorchCNN:
+    """``BayesianTorchCNN(**kwargs)``; raises ``ImportError`` when bayesian-torch is missing."""
+    return BayesianTorchCNN(**kwargs)
 
 
 def build_model(name: str, channels: Sequence[int] = (32, 64, 128),
@@ -255,13 +238,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_train: int) -> torch.Tensor:
-    """NLL + KL/N of one sampled forward pass; the KL as the model computes it."""
+    """NLL + KL/N of one sampled forward pass (:func:`bnn_course.elbo.negative_elbo`, the
+    engine's loss); the KL as the model computes it."""
     output = model(x)
     if isinstance(output, tuple):  # bayesian-torch style: (log_probs, kl)
         log_probs, kl = output
     else:
         log_probs, kl = output, model.kl_divergence()
-    return F.nll_loss(log_probs.float(), y) + kl.float() / num_train
+    return negative_elbo(F.nll_loss(log_probs.float(), y), kl.float(), num_train)
 
 
 def make_train_step(

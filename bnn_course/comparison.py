@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -58,7 +57,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from bnn_course import __version__
+from bnn_course import config as run_config
 from bnn_course.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from bnn_course.data import CIFAR10Data, load_cifar10, stratified_subset
 from bnn_course.evaluation import predict_log_probs
@@ -72,11 +71,21 @@ from bnn_course.metrics import (
     ood_scores,
 )
 from bnn_course.provenance import device_description
+from bnn_course.run_folder import atomic_write_text, autocast_dtype
+from bnn_course.run_folder import config_differences as _differences
+from bnn_course.run_folder import provenance as run_provenance
 from bnn_course.train import (
     CHECKPOINT_NAME,
+    RESUME_FREE_FIELDS,
+    CommandLineParser,
     TrainConfig,
+    add_config_arguments,
+    config_from_arguments,
+    data_differences,
     load_checkpoint,
     load_trained_model,
+    run_command_line,
+    run_data_identity,
     select_device,
     train,
 )
@@ -98,8 +107,6 @@ IGNORED_FOR_REUSE: tuple[str, ...] = ("device", "compile", "progress", "log_inte
                                       "epoch_eval_samples", "eval_samples")
 """:class:`TrainConfig` fields that do not change what is learned; a saved network whose
 configuration differs from the wanted one only in these is reused."""
-
-_RESUME_FREE = ("device", "compile", "progress", "log_interval")  # as train's own check
 
 
 def _as_list(models: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -530,26 +537,17 @@ only by ``"mc_dropout"``)."""
 def config_differences(saved: Mapping[str, Any], config: TrainConfig,
                        ignore: Sequence[str] = IGNORED_FOR_REUSE,
                        only_used: bool = True) -> list[str]:
-    """``"field: saved X, wanted Y"`` for every field of ``config`` that ``saved`` (a
+    """``"field: saved X, now Y"`` for every field of ``config`` that ``saved`` (a
     checkpoint's ``"config"`` dict) has differently, apart from ``ignore`` and, if
     ``only_used``, the fields ``config.model`` does not use (:data:`BAYESIAN_ONLY_FIELDS`
-    unless ``"bayesian"``, ``dropout`` unless ``"mc_dropout"``)."""
+    unless ``"bayesian"``, ``dropout`` unless ``"mc_dropout"``).
+    (:func:`bnn_course.run_folder.config_differences` does the comparing.)"""
     unused = set(ignore)
     if only_used and config.model != "bayesian":
         unused.update(BAYESIAN_ONLY_FIELDS)
     if only_used and config.model != "mc_dropout":
         unused.add("dropout")
-    differences = []
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in unused:
-            continue
-        wanted = getattr(config, field.name)
-        have = saved.get(field.name)
-        if field.name == "channels" and have is not None:
-            have = tuple(have)
-        if have != wanted:
-            differences.append(f"{field.name}: saved {have!r}, wanted {wanted!r}")
-    return differences
+    return _differences(saved, dataclasses.asdict(config), sorted(unused))
 
 
 def reusable_checkpoint(path: str | os.PathLike, config: TrainConfig,
@@ -557,7 +555,8 @@ def reusable_checkpoint(path: str | os.PathLike, config: TrainConfig,
     """Whether the checkpoint at ``path`` holds a finished run of ``config`` on ``data``.
 
     Finished: trained for ``config.epochs`` epochs; same configuration up to
-    :data:`IGNORED_FOR_REUSE`; trained on data of the same ``source``. Returns
+    :data:`IGNORED_FOR_REUSE`; trained on the same training set (source, size and digest,
+    :func:`bnn_course.run_folder.data_identity`; the test set may differ). Returns
     ``(ok, reason)``, the reason in words either way.
     """
     path = Path(path)
@@ -570,9 +569,9 @@ def reusable_checkpoint(path: str | os.PathLike, config: TrainConfig,
     differences = config_differences(state["config"], config)
     if differences:
         return False, f"{path} has another configuration ({'; '.join(differences)})"
-    if state.get("data_source") != data.source:
-        return False, (f"{path} was trained on {state.get('data_source')!r}, "
-                       f"not on {data.source!r}")
+    differences = data_differences(state, run_data_identity(config, data), ("train",))
+    if differences:
+        return False, f"{path} was trained on other data ({'; '.join(differences)})"
     if int(state.get("epoch", 0)) != config.epochs:
         return False, f"{path} stopped after epoch {state.get('epoch')} of {config.epochs}"
     return True, f"{path} (trained on {data.name}, {config.epochs} epochs)"
@@ -610,7 +609,8 @@ def train_methods(
        ``checkpoints[method]``, e.g. ``{"bayesian": "runs/ch06/checkpoint.pt"}``), then at
        ``out_dir/<run name>/checkpoint.pt``, is loaded;
     3. otherwise the network is trained into ``out_dir/<run name>`` (no checkpoint when
-       ``out_dir`` is ``None``), resuming an interrupted run of the same configuration.
+       ``out_dir`` is ``None``), resuming an interrupted run of the same configuration and
+       data, and replacing a run of another one.
 
     One line per run says which of the three happened (through ``log``). ``train_log``
     receives :func:`train`'s per-epoch lines (default: dropped).
@@ -648,13 +648,16 @@ def train_methods(
             if run_dir is not None and (run_dir / CHECKPOINT_NAME).is_file():
                 try:
                     saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
-                    strict = config_differences(saved["config"], config, _RESUME_FREE,
-                                                only_used=False)
-                    resume = not strict and saved.get("data_source") == data.source
+                    resume = not (config_differences(saved["config"], config,
+                                                     RESUME_FREE_FIELDS, only_used=False)
+                                  or data_differences(saved, run_data_identity(config, data)))
                 except Exception:  # unreadable: train afresh, overwriting it
                     resume = False
             started = time.perf_counter()
-            result = train(config, data, out_dir=run_dir, resume=resume, log=quiet)
+            # this run folder belongs to the comparison: a run of another configuration
+            # there is replaced
+            result = train(config, data, out_dir=run_dir, resume=resume, overwrite=not resume,
+                           log=quiet)
             seconds[name] = time.perf_counter() - started
             model = result.model.eval()
             last = result.history[-1]
@@ -687,9 +690,21 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+COMPARISON_DEFAULTS = TrainConfig(epoch_eval_samples=0, eval_samples=0, progress=False)
+"""The training configuration the comparison starts from; every network is evaluated by the
+comparison itself, so :func:`~bnn_course.train.train` skips its own evaluations."""
+
+_NOT_FLAGS = ("model", "epoch_eval_samples", "eval_samples")
+"""TrainConfig fields without a comparison flag: the method sets ``model``; the
+comparison's own ``--eval-samples`` replaces the two evaluation fields."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
+    """The parser of ``python -m bnn_course.comparison``: the comparison's own flags, and one
+    flag per :class:`TrainConfig` field except ``model`` and the evaluation sample counts
+    (:func:`bnn_course.train.add_config_arguments`), so every hyperparameter of the
+    training command (the Bayesian ones included) can be set here too."""
+    parser = CommandLineParser(
         prog="python -m bnn_course.comparison",
         description="Train the BayesianCNN, its deterministic twin, MC dropout and a deep "
                     "ensemble with one budget, and compare accuracy, NLL, ECE, Brier, OOD "
@@ -700,22 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "else ~/.cache/bnn_course/data)")
     add("--out", default="runs/comparison", help="output folder (default: %(default)s)")
     add("--smoke", action="store_true",
-        help="tiny budget and sets, to check that everything runs: "
-             + ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()))
+        help="tiny budget and sets, to check that everything runs (also selected by "
+             "BNN_COURSE_SMOKE=1): " + ", ".join(f"{k}={v}" for k, v in SMOKE_DEFAULTS.items()))
+    add("--debug", action="store_true", help="show the full traceback of an error")
     add("--methods", type=_names, default=METHODS, metavar="M1,M2,...",
         help="default: " + ",".join(METHODS))
     add("--ensemble-size", type=int, default=5, help="default: %(default)s")
-    add("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
-    add("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    add("--lr", type=float, default=defaults.lr, help="default: %(default)s")
-    add("--dropout", type=float, default=defaults.dropout,
-        help="dropout probability of mc_dropout (default: %(default)s)")
-    add("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
-        default=defaults.channels, metavar="C1,C2,...", help="default: 32,64,128")
-    add("--hidden-features", type=int, default=defaults.hidden_features,
-        help="default: %(default)s")
-    add("--train-subset", type=int, default=None, metavar="N",
-        help="train on N training images, N/10 per class (default: all)")
     add("--test-subset", type=int, default=None, metavar="N",
         help="evaluate on N test images, N/10 per class (default: all)")
     add("--eval-samples", type=int, default=20,
@@ -735,17 +740,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reuse", action="append", default=[], metavar="RUN=PATH",
         help="a finished checkpoint to reuse if its configuration matches, e.g. "
              "bayesian=runs/ch06/checkpoint.pt (repeatable)")
-    add("--device", default="auto", help="default: %(default)s")
-    add("--seed", type=int, default=0, help="training seed and corruption seed (default: 0)")
+    group = parser.add_argument_group(
+        "training (every network; the seed is also the corruptions' seed)")
+    add_config_arguments(group, COMPARISON_DEFAULTS, exclude=_NOT_FLAGS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``python -m bnn_course.comparison``; returns the JSON document."""
+def base_config_from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration every network of the comparison starts from, from the
+    parsed flags (the comparison evaluates the networks itself: no evaluation in
+    :func:`~bnn_course.train.train`)."""
+    return config_from_arguments(args, epoch_eval_samples=0, eval_samples=0)
+
+
+def _main(argv: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.smoke:
+    smoke = bool(first.smoke) or run_config.is_smoke()
+    if smoke:
         parser.set_defaults(**SMOKE_DEFAULTS)
     args = parser.parse_args(argv)
     corruptions = () if args.corruptions in (("none",), ()) else args.corruptions
@@ -756,13 +769,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error(f"--reuse expects RUN=PATH, got {item!r}")
         checkpoints[name] = path
 
-    base = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       dropout=args.dropout, channels=args.channels,
-                       hidden_features=args.hidden_features, train_subset=args.train_subset,
-                       epoch_eval_samples=0, eval_samples=0, seed=args.seed,
-                       device=args.device, progress=False)
-    device = select_device(args.device)
-    data = load_cifar10(args.data, smoke=args.smoke, device=device,
+    base = base_config_from_arguments(args)
+    device = select_device(base.device)  # before the data are loaded: fails fast
+    data = load_cifar10(args.data, smoke=smoke, device=device,
                         allow_download=not args.no_download)
     if args.test_subset is not None:
         images, labels = stratified_subset(data.test_images, data.test_labels, args.test_subset)
@@ -781,12 +790,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     trained = train_methods(data, base, args.methods, args.ensemble_size, out_dir=args.out,
                             checkpoints=checkpoints)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     evaluation_started = time.perf_counter()
     rows = evaluate_methods(trained.models, data.test_images, data.test_labels,
                             {name: images for name, (images, _) in loaded.items()},
                             corruptions, args.severities, args.eval_samples,
-                            args.corruption_samples, args.seed, autocast_dtype=autocast_dtype)
+                            args.corruption_samples, args.seed,
+                            autocast_dtype=autocast_dtype(device, base.amp))
     evaluation_seconds = time.perf_counter() - evaluation_started
     document = {
         "rows": rows,
@@ -801,28 +810,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "origins": trained.origins,
         "seconds": {"training": trained.seconds, "evaluation": evaluation_seconds,
                     "total": time.perf_counter() - started},
-        "provenance": {
-            "mode": "smoke" if args.smoke else "full",
-            "device": device_description(device),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "bnn_course": __version__,
-            "data_source": data.source,
-            "data_name": data.name,
-            "num_train": base.train_subset or int(data.train_labels.shape[0]),
-            "num_test": int(data.test_labels.shape[0]),
-        },
+        "provenance": run_provenance(
+            device_description(device), smoke=smoke, data_source=data.source,
+            data_name=data.name,
+            num_train=base.train_subset or int(data.train_labels.shape[0]),
+            num_test=int(data.test_labels.shape[0])),
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / (COMPARISON_NAME + ".tmp")
-    temporary.write_text(json.dumps(_without_nan(document), indent=2))
-    os.replace(temporary, out / COMPARISON_NAME)
+    atomic_write_text(out / COMPARISON_NAME, json.dumps(_without_nan(document), indent=2))
     print(format_table(rows, caption=caption))
     print(f"wrote {out / COMPARISON_NAME}; device: {document['provenance']['device']}; "
           f"{document['seconds']['total']:.1f} s in all "
           f"(evaluation {evaluation_seconds:.1f} s)")
     return document
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m bnn_course.comparison``; returns the JSON document.
+
+    Expected failures are one line ``error: ...`` on stderr (see
+    :func:`bnn_course.train.run_command_line`); ``--debug`` shows the traceback.
+    """
+    return run_command_line(_main, argv)
 
 
 def _without_nan(value: Any) -> Any:

@@ -14,6 +14,9 @@ Environment variables
     selects full mode. Anything else is an error (a typo must not silently pick a mode).
 ``BNN_COURSE_DATA``
     A folder holding CIFAR-10 (used from chapter 6 on).
+``BNN_COURSE_DEBUG``
+    A true word makes the command lines show the full traceback of an error instead of one
+    ``error: ...`` line (as their ``--debug`` flag does).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from types import MappingProxyType, SimpleNamespace
 
 SMOKE_ENV = "BNN_COURSE_SMOKE"
 DATA_ENV = "BNN_COURSE_DATA"
+DEBUG_ENV = "BNN_COURSE_DEBUG"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -125,6 +129,26 @@ BUDGETS: MappingProxyType = MappingProxyType(
 )
 
 
+def env_flag(name: str) -> bool:
+    """The yes/no environment variable ``name``: ``True`` for a true word, ``False`` for a
+    false word or when unset.
+
+    Raises
+    ------
+    ValueError
+        If the variable holds something that is neither a true nor a false word.
+    """
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValueError(
+        f"{name}={os.environ[name]!r} is not understood; use one of {sorted(_TRUE)} "
+        f"for yes or {sorted(_FALSE - {''})} for no."
+    )
+
+
 def is_smoke() -> bool:
     """Return ``True`` when ``BNN_COURSE_SMOKE`` selects smoke mode.
 
@@ -133,15 +157,13 @@ def is_smoke() -> bool:
     ValueError
         If the variable holds something that is neither a true nor a false word.
     """
-    raw = os.environ.get(SMOKE_ENV, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ValueError(
-        f"{SMOKE_ENV}={os.environ[SMOKE_ENV]!r} is not understood; "
-        f"use one of {sorted(_TRUE)} for smoke mode or {sorted(_FALSE - {''})} for full mode."
-    )
+    try:
+        return env_flag(SMOKE_ENV)
+    except ValueError:
+        raise ValueError(
+            f"{SMOKE_ENV}={os.environ[SMOKE_ENV]!r} is not understood; use one of "
+            f"{sorted(_TRUE)} for smoke mode or {sorted(_FALSE - {''})} for full mode."
+        ) from None
 
 
 def mode() -> str:

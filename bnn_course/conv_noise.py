@@ -12,10 +12,14 @@ A convolution with a sampled kernel :math:`W = \mu + \Delta W` adds to the outpu
 
 because the entries of :math:`\Delta W` are independent with variances :math:`\sigma^2`. The
 channel-wise Flipout estimator has exactly this covariance within one image (its signs square
-out); the per-pixel variant keeps the diagonal (the variance) and sets the rest to zero.
+out); the per-pixel variant keeps the diagonal (the variance) and sets the rest to zero, and
+so does the local reparameterisation trick (Kingma, Salimans and Welling, 2015), which draws
+every output entry from its Gaussian marginal with independent noise.
 
 * :func:`sample_conv_outputs` draws outputs of a
-  :class:`~bnn_course.layers.BayesianConv2dFlipout` layer with one of four estimators;
+  :class:`~bnn_course.layers.BayesianConv2dFlipout` layer with one of five estimators;
+* :func:`conv2d_local_reparameterization` is the local reparameterisation trick for a
+  convolution;
 * :func:`noise_correlation` measures the correlation, across draws, between one output entry
   and all others;
 * :func:`kernel_noise_covariance` is the closed form above;
@@ -30,7 +34,46 @@ import torch.nn.functional as F
 from bnn_course.flipout import conv2d_flipout_per_pixel
 from bnn_course.layers import BayesianConv2dFlipout
 
-ESTIMATORS = ("flipout", "per_pixel", "shared", "independent")
+ESTIMATORS = ("flipout", "per_pixel", "shared", "independent", "lrt")
+
+
+def conv2d_local_reparameterization(
+    x: torch.Tensor,
+    weight_mu: torch.Tensor,
+    weight_sigma: torch.Tensor,
+    bias_mu: torch.Tensor | None = None,
+    bias_sigma: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    r"""The local reparameterisation trick applied to a convolution.
+
+    .. math::
+
+        m = \mu \star x + \mu_b, \qquad
+        v = (\sigma \circ \sigma) \star (x \circ x) + \sigma_b \circ \sigma_b, \qquad
+        y = m + \sqrt{v} \circ \zeta,
+
+    with :math:`\zeta \sim \mathcal{N}(0, I)` independent for every example, channel and
+    **position**. Every output entry has the Gaussian marginal of a sampled kernel (the
+    diagonal of :func:`kernel_noise_covariance`), but different positions of one image get
+    independent noise: the off-diagonal covariance of a shared kernel is lost, as with
+    per-pixel signs. Two convolutions. The variance is floored at the smallest positive float
+    before the square root.
+
+    Shapes: ``x`` (B, C_in, H, W); ``weight_*`` (C_out, C_in / groups, kH, kW); ``bias_*``
+    (C_out,); returns (B, C_out, H', W').
+    """
+    if (bias_mu is None) != (bias_sigma is None):
+        raise ValueError("give both bias_mu and bias_sigma, or neither")
+    conv_args = (stride, padding, dilation, groups)
+    mean = F.conv2d(x, weight_mu, bias_mu, *conv_args)
+    bias_variance = None if bias_sigma is None else bias_sigma.pow(2)
+    variance = F.conv2d(x.pow(2), weight_sigma.pow(2), bias_variance, *conv_args)
+    floor = torch.finfo(variance.dtype).tiny
+    return mean + variance.clamp_min(floor).sqrt() * torch.randn_like(mean)
 
 
 def sample_conv_outputs(
@@ -53,6 +96,9 @@ def sample_conv_outputs(
         The naive estimator: the single kernel :math:`\\mu + \\Delta W` for the whole batch.
     ``"independent"``
         A fresh kernel sample per example (one convolution per example): the reference.
+    ``"lrt"``
+        :func:`conv2d_local_reparameterization`: each output entry drawn from its marginal,
+        independent noise per example, channel and position.
 
     Shapes: ``x`` (B, C_in, H, W); returns (num_samples, B, C_out, H', W'), detached.
     """
@@ -84,6 +130,10 @@ def sample_conv_outputs(
                                                   layer.bias_mu, bias_delta, *conv_args)
             elif estimator == "shared":
                 output = one_kernel(x)
+            elif estimator == "lrt":
+                output = conv2d_local_reparameterization(
+                    x, layer.weight_mu, layer.weight_sigma, layer.bias_mu, layer.bias_sigma,
+                    *conv_args)
             else:
                 output = torch.cat([one_kernel(x[n:n + 1]) for n in range(x.shape[0])])
             draws.append(output)

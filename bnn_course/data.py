@@ -6,14 +6,22 @@ device: no ``DataLoader`` and no worker processes.
 
 Where the images come from (:func:`load_cifar10` tries these in order):
 
-1. a folder given as ``root`` or by ``BNN_COURSE_DATA`` (default ``~/.cache/bnn_course/data``)
-   holding, at its top or one level down, either torchvision's ``cifar-10-batches-py``
-   (pickled batches) or an image-folder tree ``train/<class>/*.png|jpg`` and
-   ``test/<class>/*`` (Kaggle's and fast.ai's copies, and the course's JPEG copy). A tree
-   is decoded once with Pillow and cached next to itself as uint8 tensors;
-2. ``torchvision.datasets.CIFAR10(download=True)`` into that folder;
-3. in smoke mode only, a synthetic CIFAR-shaped stand-in, announced loudly. In full mode a
-   missing data set is an error that says how to get it.
+1. a folder given as ``root`` (``--data``) or by ``BNN_COURSE_DATA``, which must exist and
+   hold, at its top or one level down, either torchvision's ``cifar-10-batches-py``
+   (pickled batches, read with a restricted unpickler that runs no code from the files) or
+   an image-folder tree ``train/<class>/*.png|jpg`` and ``test/<class>/*`` (Kaggle's and
+   fast.ai's copies, and the course's JPEG copy) of RGB images. A tree is decoded once with
+   Pillow and cached next to itself as uint8 tensors. A folder given explicitly that does
+   not exist or holds neither is an error: nothing is downloaded there, and a mistyped
+   path is never created;
+2. otherwise the default cache ``~/.cache/bnn_course/data``, the same way, and if it holds
+   no copy, ``torchvision.datasets.CIFAR10(download=True)`` into it (announced);
+3. in smoke mode only, and only without an explicit folder, a synthetic CIFAR-shaped
+   stand-in, announced loudly. In full mode a missing data set is an error that says how
+   to get it.
+
+The loaded data say what was found (:func:`describe_found`): the folder, the format and the
+counts; a copy is called CIFAR-10 only when it has CIFAR-10's ten classes and sizes.
 
 Transforms (any device, any batch size, no Python loop over images):
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import logging
 import os
 import pickle
@@ -62,6 +71,9 @@ SMOKE_TRAIN_PER_CLASS = 256
 SMOKE_TEST_PER_CLASS = 128
 """Test images per class kept in smoke mode (1,280 in all)."""
 
+CIFAR10_PER_CLASS: dict[str, int] = {"train": 5000, "test": 1000}
+"""Images per class in CIFAR-10's splits (50,000 training and 10,000 test images)."""
+
 SYNTHETIC_SOURCE = "synthetic stand-in (not CIFAR-10)"
 SYNTHETIC_BANNER = "SYNTHETIC STAND-IN, NOT CIFAR-10"
 
@@ -70,7 +82,7 @@ _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCH = "test_batch"
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: images checked for RGB (no silent grayscale conversion)
 _CACHE_NAME = ".bnn_course_cache_{split}.pt"
 
 
@@ -103,13 +115,18 @@ class CIFAR10Data:
     classes:
         The class names, label ``i`` being ``classes[i]``.
     source:
-        Where the images came from, in words (with the path), e.g.
-        ``"JPEG copy of CIFAR-10 (image-folder tree at /data/cifar10-jpeg)"``.
+        What was found, in one line: name, format, path and counts (and the subset kept), e.g.
+        ``"JPEG copy of CIFAR-10: JPEG image tree at /data/cifar10-jpeg, 50,000 train +
+        10,000 test images"`` (:func:`describe_found`).
+    name:
+        A short name for provenance lines and figure captions: ``"CIFAR-10"``,
+        ``"JPEG copy of CIFAR-10"``, ... only for a copy of CIFAR-10's size, otherwise the
+        format and counts (:func:`describe_found`); :data:`SYNTHETIC_SOURCE` for the stand-in.
     is_synthetic:
         ``True`` for the synthetic stand-in (smoke mode without data only).
     is_jpeg:
-        ``True`` when the images were decoded from JPEG files, whose pixels differ slightly
-        from the original; results on them must say "JPEG copy of CIFAR-10".
+        ``True`` when (some of) the images were decoded from JPEG files, whose pixels differ
+        slightly from the original.
     """
 
     train_images: torch.Tensor
@@ -118,15 +135,9 @@ class CIFAR10Data:
     test_labels: torch.Tensor
     classes: tuple[str, ...]
     source: str
+    name: str
     is_synthetic: bool = False
     is_jpeg: bool = False
-
-    @property
-    def name(self) -> str:
-        """A short name for provenance lines and figure captions."""
-        if self.is_synthetic:
-            return SYNTHETIC_SOURCE
-        return "JPEG copy of CIFAR-10" if self.is_jpeg else "CIFAR-10"
 
     @property
     def device(self) -> torch.device:
@@ -189,8 +200,72 @@ def stratified_subset(images: torch.Tensor, labels: torch.Tensor, n: int, *,
 
 
 # --------------------------------------------------------------------------------------
-# Offline format 1: torchvision's pickled batches
+# Offline format 1: torchvision's pickled batches, read with a restricted unpickler
 # --------------------------------------------------------------------------------------
+
+_NUMPY_GLOBALS = (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                  ("numeric", "_frombuffer"))
+_PICKLE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {(f"numpy.{core}.{module}", name) for core in ("core", "_core")
+     for module, name in _NUMPY_GLOBALS}
+    | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    | {(builtins, name) for builtins in ("builtins", "__builtin__")
+       for name in ("dict", "list", "bytes", "str", "int")})
+"""The only globals a CIFAR-10 batch file may name (``(module, name)`` pairs).
+
+A batch is a ``dict`` of ``bytes``/``str`` keys, a ``list`` of ``int`` labels and one
+``uint8`` numpy array; the array is rebuilt by numpy's ``_reconstruct`` (protocols 0-4, as
+in the original Python 2 files) or ``_frombuffer`` (protocol 5), with a ``dtype``; a bytes
+object pickled with protocol 2 or lower needs ``_codecs.encode`` (allowed for the latin-1
+codec only). None of these runs code named by the file, so a crafted batch (whose
+``__reduce__`` names ``os.system``, ``eval``, ...) fails with
+:class:`pickle.UnpicklingError` before anything is called."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles of ``bytes`` call it, and no other codec."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"a CIFAR-10 batch never encodes with {encoding!r}")
+    return text.encode("latin1")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """:class:`pickle.Unpickler` that resolves only :data:`_PICKLE_GLOBALS`."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"the file names the global {module}.{name}, which a CIFAR-10 batch never "
+                "holds (it may be crafted to run code); refused")
+        if module == "_codecs":
+            return _latin1_encode
+        if module.startswith("numpy.core."):  # numpy >= 2 moved it; skip the warning shim
+            try:
+                return getattr(importlib.import_module("numpy._core." + module[11:]), name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(path: Path) -> dict[str, object]:
+    """A batch file's dictionary, keys as ``str``, read with :class:`_BatchUnpickler`.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a pickled ``dict`` of allowed objects (naming the file).
+    """
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as error:
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch: {error}; re-download or "
+                         f"re-extract {PICKLE_FOLDER}") from error
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} holds a {type(entry).__name__}, not a CIFAR-10 batch dict")
+    # Python 2's files give str keys under encoding="latin1"; re-pickled copies may give bytes.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
 def _is_pickle_folder(folder: Path) -> bool:
@@ -198,10 +273,16 @@ def _is_pickle_folder(folder: Path) -> bool:
 
 
 def _read_pickle_folder(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Read ``data_batch_1..5`` and ``test_batch`` directly with :mod:`pickle`.
+    """Read ``data_batch_1..5`` and ``test_batch`` with a restricted unpickler.
 
-    (torchvision's reader insists on the original files' md5 sums; reading them directly
-    also accepts a re-pickled copy, and costs no more.)
+    (torchvision's reader insists on the original files' md5 sums and unpickles without
+    restriction; this one also accepts a re-pickled copy and never runs code from a file.)
+
+    Returns
+    -------
+    ``{"train": (images, labels), "test": (images, labels)}``, images ``uint8``
+    ``(N, 3, 32, 32)`` (each row of a batch is the R plane, then G, then B, row by row),
+    labels ``int64`` ``(N,)`` in ``0..9``.
     """
     missing = [f for f in (*_TRAIN_BATCHES, _TEST_BATCH) if not (folder / f).is_file()]
     if missing:
@@ -209,22 +290,31 @@ def _read_pickle_folder(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Ten
                                 f"{missing}; re-download or re-extract it")
     meta = folder / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as f:
-            names = tuple(pickle.load(f, encoding="latin1")["label_names"])
+        names = tuple(n.decode("latin1") if isinstance(n, bytes) else n
+                      for n in _unpickle_batch(meta).get("label_names", ()))
         if names != CLASSES:
             raise ValueError(f"{meta} names the classes {names}; expected CIFAR-10's {CLASSES}")
     splits = {}
     for split, files in (("train", _TRAIN_BATCHES), ("test", (_TEST_BATCH,))):
         data, labels = [], []
         for name in files:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            batch = np.asarray(entry["data"], dtype=np.uint8)
-            if batch.ndim != 2 or batch.shape[1] != 3 * 32 * 32:
-                raise ValueError(f"{folder / name}: data has shape {batch.shape}, "
-                                 f"expected (N, 3072)")
+            entry = _unpickle_batch(folder / name)
+            if "data" not in entry or "labels" not in entry:
+                raise ValueError(f"{folder / name} lacks 'data' or 'labels' "
+                                 f"(keys: {sorted(map(str, entry))})")
+            batch = entry["data"]
+            if (not isinstance(batch, np.ndarray) or batch.dtype != np.uint8
+                    or batch.ndim != 2 or batch.shape[1] != 3 * 32 * 32):
+                raise ValueError(f"{folder / name}: data is {type(batch).__name__} "
+                                 f"{getattr(batch, 'dtype', '')} of shape "
+                                 f"{getattr(batch, 'shape', '?')}, expected uint8 (N, 3072)")
+            batch_labels = [int(label) for label in entry["labels"]]
+            if len(batch_labels) != batch.shape[0] or not all(0 <= y < 10 for y in batch_labels):
+                raise ValueError(f"{folder / name}: expected {batch.shape[0]} labels in 0..9, "
+                                 f"got {len(batch_labels)} with values "
+                                 f"{sorted(set(batch_labels))[:12]}")
             data.append(batch)
-            labels.extend(entry["labels"])
+            labels.extend(batch_labels)
         images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
         splits[split] = (images, torch.tensor(labels, dtype=torch.int64))
     return splits
@@ -273,8 +363,51 @@ def _fingerprint(files: list[list[str]]) -> str:
     return digest.hexdigest()
 
 
+def _is_jpeg_name(name: str) -> bool:
+    return name.lower().endswith(_JPEG_SUFFIXES)
+
+
+_GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B",
+                              "I;16N"})
+_ALPHA_MODES = frozenset({"P", "PA", "RGBA"})
+
+
+def _rgb_pixels(image: object, path: Path) -> np.ndarray:
+    """The ``(32, 32, 3)`` uint8 RGB pixels of an opened Pillow image, converting only
+    where nothing is lost.
+
+    * ``RGB``: as is.
+    * ``P`` (palette), ``PA`` and ``RGBA``: converted, provided every pixel is fully
+      opaque; a palette maps each index to one RGB colour, so that loses nothing, and
+      neither does dropping an alpha channel that is 255 everywhere. A pixel that is
+      (partly) transparent has no defined colour: an error naming the file.
+    * Grayscale (``L``, ``LA``, ``I``, ``I;16``, ``F``, ``1``): an error naming the file;
+      CIFAR-10 is in colour, and copying one channel three times would hide a wrong copy.
+    * Anything else (``CMYK``, ``YCbCr``, ...): an error naming the file.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode in _ALPHA_MODES:
+        rgba = np.asarray(image.convert("RGBA"))
+        transparent = int((rgba[..., 3] != 255).sum())
+        if transparent:
+            raise ValueError(f"{path} (mode {mode}) has {transparent} pixels that are not "
+                             "fully opaque; CIFAR-10 images are opaque RGB, so their colour "
+                             "is undefined. Replace the file with an RGB image.")
+        return rgba[..., :3]
+    what = "grayscale" if mode in _GRAYSCALE_MODES else "not RGB"
+    raise ValueError(f"{path} is {what} (Pillow mode {mode!r}); CIFAR-10 images are RGB and "
+                     "are not converted silently. Replace the file with the RGB original or "
+                     "remove it from the tree.")
+
+
 def _decode(paths: Sequence[Path]) -> torch.Tensor:
-    """Decode images to a ``uint8`` tensor ``(len(paths), 3, 32, 32)`` with Pillow."""
+    """Decode images to a ``uint8`` tensor ``(len(paths), 3, 32, 32)`` with Pillow.
+
+    Each file must be a 32x32 image in the format its suffix says (PNG or JPEG), in an RGB
+    mode or one that converts to RGB losslessly (:func:`_rgb_pixels`).
+    """
     from PIL import Image
 
     out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
@@ -283,7 +416,11 @@ def _decode(paths: Sequence[Path]) -> torch.Tensor:
             if image.size != (32, 32):
                 raise ValueError(f"{path} is {image.size[0]}x{image.size[1]}; "
                                  "CIFAR-10 images are 32x32")
-            out[i] = np.asarray(image.convert("RGB"))
+            expected = "JPEG" if _is_jpeg_name(path.name) else "PNG"
+            if image.format != expected:
+                raise ValueError(f"{path} holds a {image.format} image, not {expected} as "
+                                 "its name says; rename or re-encode it")
+            out[i] = _rgb_pixels(image, path)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -323,23 +460,22 @@ def _read_cache(path: Path, fingerprint: str) -> dict | None:
     return cache
 
 
-def _load_image_tree_split(tree: Path, split: str, per_class: int | None, cap: bool,
-                           verbose: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Images, labels and the JPEG flag of one split of an image-folder tree.
+def _load_image_tree_split(tree: Path, split: str, files: list[list[str]],
+                           per_class: int | None, cap: bool,
+                           verbose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of one split of an image-folder tree listed as ``files``.
 
     With ``per_class`` set and no cache yet, only the first ``per_class`` files of each
     class (at most as many as the smallest class has, if ``cap``) are decoded, for fast
     smoke runs, and nothing is cached; otherwise the whole split is decoded once and cached.
     A cache holds the whole split; the caller takes the subset.
     """
-    files = _list_image_tree(tree, split)
     fingerprint = _fingerprint(files)
-    is_jpeg = any(n.lower().endswith(_JPEG_SUFFIXES) for names in files for n in names)
     for path in _cache_paths(tree, split):
         cache = _read_cache(path, fingerprint)
         if cache is not None:
             _say(f"{split}: {cache['images'].shape[0]} images from the cache {path}", verbose)
-            return cache["images"], cache["labels"], cache["is_jpeg"]
+            return cache["images"], cache["labels"]
 
     if per_class is not None:
         if cap:
@@ -358,10 +494,10 @@ def _load_image_tree_split(tree: Path, split: str, per_class: int | None, cap: b
     _say(f"{split}: decoded {len(paths)} images from {tree / split} "
          f"in {time.perf_counter() - start:.1f} s", verbose)
     if per_class is not None:
-        return images, labels, is_jpeg
+        return images, labels
 
     cache = {"version": _CACHE_VERSION, "fingerprint": fingerprint, "images": images,
-             "labels": labels, "is_jpeg": is_jpeg}
+             "labels": labels}
     beside, fallback = _cache_paths(tree, split)
     try:
         _save_atomically(cache, beside)
@@ -374,12 +510,93 @@ def _load_image_tree_split(tree: Path, split: str, per_class: int | None, cap: b
         except OSError as second:
             _say(f"{split}: could not write a cache ({second}); the next load decodes again",
                  verbose)
-    return images, labels, is_jpeg
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------
+# Describing what was found
+# --------------------------------------------------------------------------------------
+
+
+def describe_found(file_format: str, where: Path, train_per_class: Sequence[int],
+                   test_per_class: Sequence[int]) -> tuple[str, str]:
+    """``(name, source)`` of a data set found on disk, from what was found there.
+
+    Parameters
+    ----------
+    file_format:
+        ``"pickled batches"``, ``"PNG image tree"``, ``"JPEG image tree"`` or
+        ``"PNG and JPEG image tree"``.
+    where:
+        The folder read.
+    train_per_class, test_per_class:
+        Images found per class (10 counts each), before any subset is taken.
+
+    Returns
+    -------
+    name:
+        A short name for provenance lines and captions. It says CIFAR-10 only when the copy
+        has CIFAR-10's size, :data:`CIFAR10_PER_CLASS` images per class in each split:
+        ``"CIFAR-10"`` (pickled batches), ``"JPEG copy of CIFAR-10"``, ``"PNG copy of
+        CIFAR-10"`` or ``"PNG and JPEG copy of CIFAR-10"``; otherwise e.g. ``"JPEG image
+        tree with CIFAR-10's classes (30 train + 30 test images)"``. (The pixels are not
+        checked: a folder of the right size and classes is taken at its word.)
+    source:
+        One line with the name, format, path and counts, e.g. ``"JPEG copy of CIFAR-10:
+        JPEG image tree at /data/cifar10-jpeg, 50,000 train + 10,000 test images"``.
+    """
+    n_train, n_test = sum(train_per_class), sum(test_per_class)
+    counts = f"{n_train:,} train + {n_test:,} test images"
+    full = (list(train_per_class) == [CIFAR10_PER_CLASS["train"]] * len(CLASSES)
+            and list(test_per_class) == [CIFAR10_PER_CLASS["test"]] * len(CLASSES))
+    if not full:
+        name = f"{file_format} with CIFAR-10's classes ({counts})"
+        expected = {s: f"{n * len(CLASSES):,}" for s, n in CIFAR10_PER_CLASS.items()}
+        return name, (f"{file_format} at {where}, {counts} in CIFAR-10's ten classes (not "
+                      f"CIFAR-10's {expected['train']} + {expected['test']})")
+    if file_format == "pickled batches":
+        name = "CIFAR-10"
+    else:
+        name = f"{file_format.removesuffix(' image tree')} copy of CIFAR-10"
+    return name, f"{name}: {file_format} at {where}, {counts}"
 
 
 # --------------------------------------------------------------------------------------
 # Finding, downloading, or standing in for CIFAR-10
 # --------------------------------------------------------------------------------------
+
+
+def resolve_data_root(root: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """The folder to search for CIFAR-10, and whether it was given explicitly.
+
+    ``root`` (the ``--data`` flag) if given, else ``BNN_COURSE_DATA`` if set, else the
+    default cache ``~/.cache/bnn_course/data`` (the only folder ever downloaded into).
+
+    Returns
+    -------
+    (folder, explicit)
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder was given explicitly and is not an existing folder (a mistyped path
+        is an error, never a download target). Nothing is created.
+    """
+    if root is not None and str(root).strip():
+        given = f"the data folder {os.fspath(root)!r} (root= / --data)"
+        folder = Path(root).expanduser()
+    elif config.data_root() is not None:
+        given = f"{config.DATA_ENV}={config.data_root()!r}"
+        folder = Path(config.data_root()).expanduser()
+    else:
+        return user_cache_dir() / "data", False
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{given} {what}; check the path (it should hold {PICKLE_FOLDER}/ or train/ and "
+            f"test/), or give none to use the default {user_cache_dir() / 'data'}, where "
+            "CIFAR-10 is downloaded when missing. Nothing was downloaded or created.")
+    return folder, True
 
 
 def _find_offline_copy(root: Path) -> tuple[str, Path] | None:
@@ -407,16 +624,21 @@ def _download(root: Path) -> None:
     CIFAR10(str(root), train=True, download=True)
 
 
-def _how_to_get_cifar10(root: Path) -> str:
-    return (
-        "CIFAR-10 was not found. Either\n"
-        f"  * set {config.DATA_ENV} (or pass root=...) to a folder holding torchvision's "
-        f"'{PICKLE_FOLDER}' folder, or an image-folder tree 'train/<class>/*.png|jpg' and "
-        "'test/<class>/*' with the ten CIFAR-10 class folders "
-        f"({' '.join(CLASSES)}), at its top or one level down; or\n"
-        f"  * let load_cifar10(allow_download=True) download it into {root} "
-        "(needs internet access to www.cs.toronto.edu, 170 MB).\n"
-        f"Searched: {root}")
+def _how_to_get_cifar10(root: Path, explicit: bool) -> str:
+    """One line: where CIFAR-10 was looked for and how to provide it."""
+    pickled = f"torchvision's '{PICKLE_FOLDER}' folder"
+    tree = ("an image-folder tree 'train/<class>/*.png|jpg' and 'test/<class>/*' with the ten "
+            f"CIFAR-10 class folders ({' '.join(CLASSES)}), at its top or one level down")
+    if explicit:
+        return (f"CIFAR-10 was not found in {root}, the folder given explicitly: it holds "
+                f"neither {pickled} nor {tree}. Point root= / --data / {config.DATA_ENV} at "
+                "a folder that does, or give none to use (and download into) the default "
+                f"{user_cache_dir() / 'data'}; nothing is downloaded into a folder given "
+                "explicitly.")
+    return (f"CIFAR-10 was not found in the default folder {root}. Either set "
+            f"{config.DATA_ENV} (or pass root= / --data) to a folder holding {pickled}, or "
+            f"{tree}; or let load_cifar10(allow_download=True) download it into {root} "
+            "(needs internet access to www.cs.toronto.edu, 170 MB).")
 
 
 def synthetic_cifar10(train_per_class: int = SMOKE_TRAIN_PER_CLASS,
@@ -459,13 +681,38 @@ def synthetic_cifar10(train_per_class: int = SMOKE_TRAIN_PER_CLASS,
     test_images, test_labels = make(test_per_class)
     return CIFAR10Data(train_images, train_labels, test_images, test_labels,
                        classes=tuple(f"synthetic {i}" for i in range(10)),
-                       source=SYNTHETIC_SOURCE, is_synthetic=True, is_jpeg=False)
+                       source=SYNTHETIC_SOURCE, name=SYNTHETIC_SOURCE, is_synthetic=True,
+                       is_jpeg=False)
 
 
 def _announce_synthetic(reason: str) -> None:
     line = "!" * 72
     print(f"{line}\n!!  {SYNTHETIC_BANNER}  (smoke mode only)\n!!  {reason}\n{line}")
     warnings.warn(f"{SYNTHETIC_BANNER}: {reason}", UserWarning, stacklevel=3)
+
+
+def _load_offline_copy(kind: str, where: Path, wanted: dict[str, int | None],
+                       capped: dict[str, bool], verbose: bool
+                       ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], bool, str, str]:
+    """``(splits, is_jpeg, name, source)`` of the copy found at ``where`` (all of it, or for
+    an uncached tree with ``wanted`` sizes, only the first images of each class)."""
+    if kind == "pickle":
+        splits = _read_pickle_folder(where)
+        found = {split: torch.bincount(labels, minlength=10).tolist()
+                 for split, (_, labels) in splits.items()}
+        name, source = describe_found("pickled batches", where, found["train"], found["test"])
+        return splits, False, name, source
+    listed = {split: _list_image_tree(where, split) for split in ("train", "test")}
+    jpeg = {_is_jpeg_name(n) for names in (*listed["train"], *listed["test"]) for n in names}
+    file_format = {frozenset({True}): "JPEG", frozenset({False}): "PNG"}.get(
+        frozenset(jpeg), "PNG and JPEG") + " image tree"
+    splits = {split: _load_image_tree_split(where, split, files, wanted[split],
+                                            capped[split], verbose)
+              for split, files in listed.items()}
+    name, source = describe_found(file_format, where,
+                                  *([len(names) for names in listed[split]]
+                                    for split in ("train", "test")))
+    return splits, True in jpeg, name, source
 
 
 def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = None,
@@ -476,25 +723,32 @@ def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = 
 
     Search order:
 
-    1. ``root``, else ``BNN_COURSE_DATA``, else ``~/.cache/bnn_course/data``: torchvision's
-       ``cifar-10-batches-py`` or an image-folder tree ``train/<class>/*``,
-       ``test/<class>/*`` (PNG or JPEG), at the top of that folder or one level down. A
-       tree is decoded once and cached beside itself (``.bnn_course_cache_<split>.pt``) or,
-       if it is read-only, under ``~/.cache/bnn_course``;
-    2. if ``allow_download``, torchvision's download into that folder;
-    3. in smoke mode only, :func:`synthetic_cifar10`, with a warning and a banner. In full
-       mode, :class:`FileNotFoundError` explaining how to get CIFAR-10.
+    1. ``root``, else ``BNN_COURSE_DATA``: that folder, which must exist and hold
+       torchvision's ``cifar-10-batches-py`` or an image-folder tree ``train/<class>/*``,
+       ``test/<class>/*`` (PNG or JPEG) at its top or one level down; anything else is a
+       :class:`FileNotFoundError` in either mode (nothing is downloaded there, and a folder
+       that does not exist is not created);
+    2. else the default cache ``~/.cache/bnn_course/data``, the same way; if it holds no
+       copy and ``allow_download``, torchvision downloads CIFAR-10 there (a printed line
+       says so);
+    3. in smoke mode only, and only without an explicit folder, :func:`synthetic_cifar10`,
+       with a warning and a banner. In full mode, :class:`FileNotFoundError` explaining how
+       to get CIFAR-10.
+
+    A tree is decoded once and cached beside itself (``.bnn_course_cache_<split>.pt``) or,
+    if it is read-only, under ``~/.cache/bnn_course``. Pickled batches are read with a
+    restricted unpickler that runs no code from the files.
 
     Parameters
     ----------
     root:
-        Folder to search (and to download into).
+        Folder to search (the command lines' ``--data``).
     smoke:
         Smoke mode; ``None`` asks :func:`bnn_course.config.is_smoke`.
     device:
         Where the returned tensors live.
     allow_download:
-        Try torchvision's download when no offline copy is found.
+        Try torchvision's download into the default cache when it holds no copy.
     train_per_class, test_per_class:
         Keep only the first this many images of each class (:func:`stratified_subset`).
         ``None`` means all of them in full mode and :data:`SMOKE_TRAIN_PER_CLASS` /
@@ -506,11 +760,19 @@ def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = 
     -------
     CIFAR10Data
         Train images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64, and the same for
-        the test split.
+        the test split; ``name`` and ``source`` describe what was found
+        (:func:`describe_found`).
+
+    Raises
+    ------
+    FileNotFoundError
+        An explicit folder that does not exist or holds no copy; no copy at all in full mode.
+    ValueError
+        A copy that is malformed: wrong class folders, a grayscale, transparent or
+        non-32x32 image (naming the file), a batch file that is not a CIFAR-10 batch.
     """
     smoke = config.is_smoke() if smoke is None else smoke
-    explicit = root if root is not None else config.data_root()
-    folder = Path(explicit).expanduser() if explicit else user_cache_dir() / "data"
+    folder, explicit = resolve_data_root(root)
     # Smoke-mode defaults are capped at what the data has; explicit sizes are not.
     capped = {"train": smoke and train_per_class is None,
               "test": smoke and test_per_class is None}
@@ -521,9 +783,11 @@ def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = 
 
     found = _find_offline_copy(folder)
     download_error: Exception | None = None
-    if found is None and allow_download:
-        _say(f"No offline copy of CIFAR-10 under {folder}; trying torchvision's download",
-             verbose)
+    if found is None and not explicit and allow_download:
+        message = (f"No copy of CIFAR-10 in the default folder {folder}; downloading it "
+                   f"there with torchvision (170 MB)")
+        logger.info(message)
+        print(message)
         try:
             _download(folder)
         except Exception as error:  # no network, no torchvision, disk full, ...
@@ -532,34 +796,20 @@ def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = 
         found = _find_offline_copy(folder)
 
     if found is None:
-        reason = _how_to_get_cifar10(folder)
+        reason = _how_to_get_cifar10(folder, explicit)
         if download_error is not None:
-            reason += f"\nThe download failed with {type(download_error).__name__}: " \
-                      f"{download_error}"
-        elif not allow_download:
-            reason += "\n(allow_download=False: no download was tried.)"
-        if not smoke:
+            reason += (f" The download failed with {type(download_error).__name__}: "
+                       f"{download_error}")
+        elif not explicit and not allow_download:
+            reason += " (allow_download=False: no download was tried.)"
+        if explicit or not smoke:
             raise FileNotFoundError(reason) from download_error
-        _announce_synthetic(f"no CIFAR-10 under {folder}; using "
+        _announce_synthetic(f"no CIFAR-10 in {folder}; using "
                             f"{train_per_class}+{test_per_class} random images per class")
         return synthetic_cifar10(train_per_class, test_per_class).to(device)
 
-    kind, where = found
     wanted = {"train": train_per_class, "test": test_per_class}
-    if kind == "pickle":
-        splits = _read_pickle_folder(where)
-        is_jpeg = False
-        source = f"CIFAR-10 (torchvision, pickled batches at {where})"
-    else:
-        splits, is_jpeg = {}, False
-        for split in ("train", "test"):
-            images, labels, jpeg = _load_image_tree_split(where, split, wanted[split],
-                                                          capped[split], verbose)
-            splits[split] = (images, labels)
-            is_jpeg = is_jpeg or jpeg
-        kind_word = "JPEG copy of CIFAR-10" if is_jpeg else "CIFAR-10 (PNG copy)"
-        source = f"{kind_word} (image-folder tree at {where})"
-
+    splits, is_jpeg, name, source = _load_offline_copy(*found, wanted, capped, verbose)
     subsets = []
     for split in ("train", "test"):
         images, labels = splits[split]
@@ -571,9 +821,9 @@ def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = 
         splits[split] = stratified_subset(images, labels, 10 * per_class)
         subsets.append(f"{per_class} {split}")
     if subsets:
-        source += f", first {' and '.join(subsets)} images per class"
+        source += f"; kept the first {' and '.join(subsets)} images per class"
     data = CIFAR10Data(*splits["train"], *splits["test"], classes=CLASSES, source=source,
-                       is_synthetic=False, is_jpeg=is_jpeg)
+                       name=name, is_synthetic=False, is_jpeg=is_jpeg)
     _say(f"Loaded {data.train_images.shape[0]} training and {data.test_images.shape[0]} "
          f"test images: {source}", verbose)
     return data.to(device)

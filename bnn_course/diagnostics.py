@@ -23,13 +23,15 @@ The loss is the one of :mod:`bnn_course.train`: for a mini-batch,
         \text{NLL},\ w \sim q}
     \; + \; c\,\mathrm{KL}(q \,\|\, p),
     \qquad c = \begin{cases} \beta / N & \texttt{kl\_scaling="per\_example"},\\
-                             \beta & \texttt{kl\_scaling="none"},\end{cases}
+                             \beta & \texttt{kl\_scaling="unscaled"},\end{cases}
 
-with :math:`N` training examples and KL weight :math:`\beta`. :math:`c` is computed by
-:func:`bnn_course.train.kl_term` itself, so the two cannot drift apart.
+with :math:`N` training examples and KL weight :math:`\beta`. :math:`c\,\mathrm{KL}` is
+computed by :func:`bnn_course.elbo.negative_elbo`, the loss the engine trains with, so the
+two cannot drift apart.
 
 The models are those of :mod:`bnn_course.models`: ``model(x, sample=...)`` returns
-log-probabilities (B, K), ``model.bayesian_layers()`` yields ``(name, layer)`` and
+log-probabilities (B, K), :func:`bnn_course.layers.bayesian_layers` finds its
+``(name, layer)`` pairs and
 ``model.kl_divergence()`` is the total KL. Images may be ``uint8`` (normalised here with
 :func:`bnn_course.data.normalize`, as in :mod:`bnn_course.evaluation`) or already-normalised
 floats.
@@ -47,9 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnn_course.data import normalize
-from bnn_course.layers import _BayesianLayer
-from bnn_course.posterior import GaussianPosterior
-from bnn_course.train import TrainConfig, kl_term
+from bnn_course.elbo import negative_elbo
+from bnn_course.layers import BayesianLayer, bayesian_layers
+from bnn_course.weight_noise import noise_statistics
 
 STEP_KEYS = ("step", "nll", "kl", "kl_term")
 """Keys of every entry of a history record's ``"steps"`` (:func:`bnn_course.train.train`)."""
@@ -58,13 +60,12 @@ STEP_KEYS = ("step", "nll", "kl", "kl_term")
 # ---------------------------------------------------------------------- helpers
 
 
-def _bayesian_layers(model: nn.Module) -> list[tuple[str, _BayesianLayer]]:
-    if not callable(getattr(model, "bayesian_layers", None)):
-        raise ValueError(f"{type(model).__name__} has no bayesian_layers() method; expected a "
-                         "model like bnn_course.models.BayesianCNN")
-    layers = list(model.bayesian_layers())
+def _require_bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
+    layers = bayesian_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no Bayesian layers to diagnose")
+        raise ValueError(f"{type(model).__name__} has no Bayesian layers to diagnose "
+                         "(bayesian_layers(model) is empty); expected a model like "
+                         "bnn_course.models.BayesianCNN")
     return layers
 
 
@@ -74,6 +75,18 @@ def _as_inputs(images: torch.Tensor) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
     return images
+
+
+def _checked_batch(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_train: int,
+    num_samples: int,
+) -> tuple[list[tuple[str, BayesianLayer]], torch.Tensor]:
+    """Check the arguments shared by the per-batch diagnostics; the layers and the inputs."""
+    _check_num_train(num_train)
+    _check_batch(images, labels)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    return _require_bayesian_layers(model), _as_inputs(images)
 
 
 def _check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -89,25 +102,11 @@ def _check_num_train(num_train: int) -> None:
         raise ValueError(f"num_train must be a positive int, got {num_train!r}")
 
 
-def _kl_config(kl_scaling: str, kl_weight: float) -> TrainConfig:
-    """A TrainConfig carrying only the KL settings (its checks validate them)."""
-    return TrainConfig(kl_scaling=kl_scaling, kl_weight=kl_weight)
-
-
-def _posteriors(layer: _BayesianLayer) -> list[GaussianPosterior]:
-    return [p for p in (layer.weight_posterior, layer.bias_posterior) if p is not None]
-
-
-def _sigma_parameter(posterior: GaussianPosterior) -> nn.Parameter:
-    """``log_sigma`` or ``rho``, whichever the parametrisation learns."""
-    return posterior.log_sigma if posterior.parametrization == "log" else posterior.rho
-
-
-def _log_sigma(posterior: GaussianPosterior) -> torch.Tensor:
-    """:math:`\\log\\sigma` in float64, exact for the log parametrisation (no exp/log trip)."""
-    if posterior.parametrization == "log":
-        return posterior.log_sigma.detach().double()
-    return torch.log(F.softplus(posterior.rho.detach().double()))
+def _kl_term(kl: torch.Tensor | float, num_train: int, kl_scaling: str,
+             kl_weight: float) -> torch.Tensor:
+    r"""The KL part :math:`c\,\mathrm{KL}` of the loss: :func:`bnn_course.elbo.negative_elbo`
+    with a zero NLL (which also validates the settings)."""
+    return negative_elbo(0.0, kl, num_train, kl_scaling=kl_scaling, kl_weight=kl_weight)
 
 
 def _median(values: torch.Tensor) -> float:
@@ -329,7 +328,7 @@ def objective_at_prior(
     num_train:
         :math:`N`, the number of training examples.
     kl_scaling, kl_weight:
-        As in :class:`~bnn_course.train.TrainConfig`.
+        As in :func:`bnn_course.elbo.negative_elbo`: ``"per_example"`` or ``"unscaled"``.
     num_samples:
         Sampled passes averaged for ``current_nll`` and ``prior_nll``.
 
@@ -345,13 +344,8 @@ def objective_at_prior(
         ``kl_budget_per_weight``, ``break_even_log_sigma_shift`` :math:`\delta^*` and
         ``break_even_sigma_ratio`` :math:`e^{\delta^*}`.
     """
-    _check_num_train(num_train)
-    _check_batch(images, labels)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    layers = _bayesian_layers(model)
-    config = _kl_config(kl_scaling, kl_weight)
-    x = _as_inputs(images)
+    layers, x = _checked_batch(model, images, labels, num_train, num_samples)
+    _kl_term(0.0, num_train, kl_scaling, kl_weight)  # invalid settings fail before any pass
 
     def mean_sampled_nll(network: nn.Module) -> tuple[float, int]:
         total, width = 0.0, 0
@@ -363,20 +357,19 @@ def objective_at_prior(
 
     current_nll, num_classes = mean_sampled_nll(model)
     current_kl = model.kl_divergence()
-    current_kl_term = kl_term(current_kl, config, num_train, 1.0).item()
+    current_kl_term = _kl_term(current_kl, num_train, kl_scaling, kl_weight).item()
 
     prior_model = copy.deepcopy(model)
-    for _, layer in prior_model.bayesian_layers():
-        for posterior in _posteriors(layer):
+    for _, layer in bayesian_layers(prior_model):
+        for posterior in layer.posteriors():
             posterior.mu.zero_()
-            s = layer.prior_sigma
-            _sigma_parameter(posterior).fill_(
-                math.log(s) if posterior.parametrization == "log" else math.log(math.expm1(s)))
+            posterior.set_sigma(layer.prior_sigma)
     prior_nll, _ = mean_sampled_nll(prior_model)
     del prior_model
 
-    kl_scale = kl_term(torch.tensor(1.0, dtype=torch.float64), config, num_train, 1.0).item()
-    num_weights = sum(p.mu.numel() for _, layer in layers for p in _posteriors(layer))
+    kl_scale = _kl_term(torch.tensor(1.0, dtype=torch.float64), num_train, kl_scaling,
+                        kl_weight).item()
+    num_weights = sum(p.mu.numel() for _, layer in layers for p in layer.posteriors())
     log_k = math.log(num_classes)
     budget = math.inf if kl_scale == 0 else log_k / kl_scale
     per_weight = budget / num_weights
@@ -446,9 +439,9 @@ def sigma_summary(
     if init_log_sigma is not None and not math.isfinite(init_log_sigma):
         raise ValueError(f"init_log_sigma must be finite, got {init_log_sigma}")
     summaries = {}
-    for name, layer in _bayesian_layers(model):
-        posteriors = _posteriors(layer) if include_bias else [layer.weight_posterior]
-        log_sigma = torch.cat([_log_sigma(p).flatten() for p in posteriors])
+    for name, layer in _require_bayesian_layers(model):
+        posteriors = layer.posteriors() if include_bias else [layer.weight_posterior]
+        log_sigma = torch.cat([p.log_sigma_values().flatten() for p in posteriors])
         mu = torch.cat([p.mu.detach().double().flatten() for p in posteriors])
         sigma = log_sigma.exp()
         snr = mu.abs() / sigma
@@ -496,7 +489,8 @@ def activation_scales(
 
     where :math:`n` runs over the images and :math:`j` over every other position (units,
     or channels and pixels). This is the measurement of
-    :func:`bnn_course.weight_noise.signal_to_noise_by_layer`, for any model. For one dense
+    :func:`bnn_course.weight_noise.signal_to_noise_by_layer`, for any model, and both are
+    computed by :func:`bnn_course.weight_noise.noise_statistics`. For one dense
     layer and a fixed input, :math:`\operatorname{Var}[h_j] = \sum_i \sigma_{W,ji}^2 x_i^2
     + \sigma_{b,j}^2`; deeper layers also inherit the noise of the layers below. With
     :math:`\sigma = 1` the noise exceeds the signal from the first layer on and grows by
@@ -522,7 +516,7 @@ def activation_scales(
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-    layers = _bayesian_layers(model)
+    layers = _require_bayesian_layers(model)
     x = _as_inputs(images)
     captured: dict[str, torch.Tensor] = {}
 
@@ -530,43 +524,24 @@ def activation_scales(
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if name in captured:
                 raise ValueError(f"layer {name!r} was called twice in one forward pass")
-            captured[name] = output.detach().double()
+            captured[name] = output.detach()
         return hook
+
+    def run(sample: bool) -> list[torch.Tensor]:
+        captured.clear()
+        model(x, sample=sample)
+        missing = [name for name, _ in layers if name not in captured]
+        if missing:
+            raise ValueError(f"layers {missing} were not called in the forward pass")
+        return [captured[name] for name, _ in layers]
 
     handles = [layer.register_forward_hook(recorder(name)) for name, layer in layers]
     try:
-        model(x, sample=False)
-        means = dict(captured)
-        sums = {name: torch.zeros_like(mean) for name, mean in means.items()}
-        sums_of_squares = {name: torch.zeros_like(mean) for name, mean in means.items()}
-        for _ in range(num_samples):
-            captured.clear()
-            model(x, sample=True)
-            for name, mean in means.items():
-                deviation = captured[name] - mean
-                sums[name] += deviation
-                sums_of_squares[name] += deviation**2
+        statistics = noise_statistics(run, num_samples)
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name, _ in layers if name not in means]
-    if missing:
-        raise ValueError(f"layers {missing} were not called in the forward pass")
-    scales = {}
-    for name, _ in layers:
-        mean, total, total_sq = means[name], sums[name], sums_of_squares[name]
-        variance = ((total_sq - total**2 / num_samples) / (num_samples - 1)).clamp_min(0)
-        signal = mean.pow(2).mean().sqrt().item()
-        noise = variance.mean().sqrt().item()
-        # mean_s h_s^2 = hbar^2 + 2 hbar mean_s(d_s) + mean_s(d_s^2), d_s = h_s - hbar
-        sampled = (mean**2 + 2 * mean * total / num_samples + total_sq / num_samples)
-        scales[name] = {
-            "signal_rms": signal,
-            "noise_rms": noise,
-            "signal_to_noise": signal / noise if noise > 0 else math.inf,
-            "sampled_rms": sampled.mean().sqrt().item(),
-        }
-    return scales
+    return {name: layer for (name, _), layer in zip(layers, statistics, strict=True)}
 
 
 # ---------------------------------------------------------------------- predictions
@@ -666,7 +641,7 @@ def gradient_norms(
     r"""L2 norms of the gradients of the NLL part and the KL part of the loss, per layer.
 
     The loss is :mod:`bnn_course.train`'s, :math:`\text{NLL} + c\,\mathrm{KL}` (KL term
-    from :func:`bnn_course.train.kl_term`, no warm-up). For every Bayesian layer the
+    from :func:`bnn_course.elbo.negative_elbo`, no warm-up). For every Bayesian layer the
     parameters are split into the means (weight and bias :math:`\mu`) and the sigma
     parameters (:math:`\lambda = \log\sigma`, or :math:`\rho` for softplus), and four norms
     are returned: :math:`\|\nabla_\mu \text{NLL}\|`, :math:`\|\nabla_\sigma \text{NLL}\|`,
@@ -696,7 +671,7 @@ def gradient_norms(
     images, labels:
         One batch, (B, C, H, W) and (B,), on the model's device.
     num_train, kl_scaling, kl_weight:
-        :math:`N` and the KL settings, as in :class:`~bnn_course.train.TrainConfig`.
+        :math:`N` and the KL settings, as in :func:`bnn_course.elbo.negative_elbo`.
     sample:
         ``True``: the NLL of sampled (Flipout) passes, as in training. ``False``: of the
         posterior-mean network, whose NLL does not depend on the sigmas (gradient 0).
@@ -710,19 +685,14 @@ def gradient_norms(
         ``{layer_name: {"nll_mu", "nll_sigma", "kl_mu", "kl_sigma"}}`` of floats, in
         input-to-output order.
     """
-    _check_num_train(num_train)
-    _check_batch(images, labels)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    layers = _bayesian_layers(model)
-    config = _kl_config(kl_scaling, kl_weight)
-    x = _as_inputs(images)
+    layers, x = _checked_batch(model, images, labels, num_train, num_samples)
+    _kl_term(0.0, num_train, kl_scaling, kl_weight)  # invalid settings fail before any pass
     groups = []  # (layer name, "mu" or "sigma"), one per parameter
     parameters = []
     for name, layer in layers:
-        for posterior in _posteriors(layer):
+        for posterior in layer.posteriors():
             groups += [(name, "mu"), (name, "sigma")]
-            parameters += [posterior.mu, _sigma_parameter(posterior)]
+            parameters += [posterior.mu, posterior.sigma_parameter]
 
     def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
@@ -735,7 +705,7 @@ def gradient_norms(
             nll = F.nll_loss(model(x, sample=sample).float(), labels)
             for total, grad in zip(nll_grads, gradients(nll), strict=True):
                 total += grad / num_samples
-        kl_grads = gradients(kl_term(model.kl_divergence(), config, num_train, 1.0))
+        kl_grads = gradients(_kl_term(model.kl_divergence(), num_train, kl_scaling, kl_weight))
 
     squares: dict[str, dict[str, float]] = {
         name: {"nll_mu": 0.0, "nll_sigma": 0.0, "kl_mu": 0.0, "kl_sigma": 0.0}

@@ -24,7 +24,8 @@ reparameterised samples *Bayes by Backprop*.
 
 Contents
 --------
-* :func:`negative_elbo` — the loss above from its two terms;
+* :func:`negative_elbo` — the loss above from its two terms (the one loss of the package:
+  the engine, the diagnostics and the benchmark use it too);
 * :func:`gaussian_nll` — the NLL of a Gaussian likelihood with known noise;
 * :func:`toy_function`, :func:`make_regression_toy` — a 1-D toy with a gap in the data;
 * :class:`BayesianRegressor` — an MLP of :class:`~bnn_course.layers.BayesianDenseFlipout`;
@@ -43,7 +44,9 @@ from torch import nn
 
 from bnn_course.layers import BayesianDenseFlipout
 
-KL_SCALES = ("per_example", "unscaled")
+KL_SCALINGS: tuple[str, ...] = ("per_example", "unscaled")
+"""How the total KL enters the loss: divided by :math:`N` (``"per_example"``, the ELBO per
+training example) or added as it is (``"unscaled"``, the mistake of chapters 2 and 7)."""
 
 TOY_CLUSTERS = ((-4.0, -2.0), (2.0, 4.0))
 """The two intervals the toy's inputs are drawn from; nothing is observed in between."""
@@ -57,19 +60,33 @@ def _as_scalar(value: torch.Tensor | float, name: str) -> torch.Tensor:
     return tensor
 
 
+def kl_divisor(num_train: int, kl_scaling: str = "per_example") -> int:
+    r"""The :math:`N'` the total KL is divided by: :math:`N` for ``"per_example"``, 1 for
+    ``"unscaled"`` (:data:`KL_SCALINGS`)."""
+    if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train <= 0:
+        raise ValueError(f"num_train must be a positive int, got {num_train!r}")
+    if kl_scaling not in KL_SCALINGS:
+        raise ValueError(f"kl_scaling must be one of {KL_SCALINGS}, got {kl_scaling!r}")
+    return num_train if kl_scaling == "per_example" else 1
+
+
 def negative_elbo(
     nll: torch.Tensor | float,
     kl: torch.Tensor | float,
     num_train: int,
+    *,
+    kl_scaling: str = "per_example",
     kl_weight: float = 1.0,
 ) -> torch.Tensor:
-    r"""The per-example negative ELBO: :math:`\text{nll} + \beta\,\text{kl} / N`.
+    r"""The per-example negative ELBO: :math:`\text{nll} + \beta\,\text{kl} / N'`.
 
     .. math::
 
         \mathcal{L} = \underbrace{\frac{1}{B}\sum_{n \in \text{batch}}
             -\log p(y_n \mid x_n, w_n)}_{\texttt{nll}}
-          + \beta\,\frac{\overbrace{\mathrm{KL}(q \,\|\, p)}^{\texttt{kl}}}{N}
+          + \beta\,\frac{\overbrace{\mathrm{KL}(q \,\|\, p)}^{\texttt{kl}}}{N'},
+        \qquad N' = \begin{cases} N & \texttt{kl\_scaling="per\_example"} \\
+                                   1 & \texttt{kl\_scaling="unscaled"} \end{cases}
 
     Parameters
     ----------
@@ -80,22 +97,26 @@ def negative_elbo(
         a scalar.
     num_train:
         :math:`N`, the number of examples in the whole training set (not the batch size).
-        ``num_train=1`` gives the unscaled loss ``nll + kl``, the mistake chapter 2 shows.
+    kl_scaling:
+        ``"per_example"`` (the ELBO per example) or ``"unscaled"`` (the raw KL added to a
+        mean NLL, the mistake chapters 2 and 7 show); see :data:`KL_SCALINGS`.
     kl_weight:
-        :math:`\beta \ge 0`; 1 is the ELBO, other values "temper" the KL term.
+        :math:`\beta \ge 0`; 1 is the ELBO, other values "temper" the KL term. A KL warm-up
+        factor :math:`\gamma_t \in [0, 1]` multiplies it (``kl_weight=beta * gamma``).
 
     Returns
     -------
     torch.Tensor
-        A scalar, differentiable in ``nll`` and ``kl``.
+        A scalar, differentiable in ``nll`` and ``kl``; its dtype is that of
+        ``nll + kl`` (pass ``nll=0.0`` to get the KL term :math:`\beta\,\text{kl}/N'`
+        alone).
     """
     nll = _as_scalar(nll, "nll")
     kl = _as_scalar(kl, "kl")
-    if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train <= 0:
-        raise ValueError(f"num_train must be a positive int, got {num_train!r}")
-    if not (math.isfinite(kl_weight) and kl_weight >= 0):
+    divisor = kl_divisor(num_train, kl_scaling)
+    if isinstance(kl_weight, bool) or not (math.isfinite(kl_weight) and kl_weight >= 0):
         raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-    return nll + kl_weight * kl / num_train
+    return nll + kl_weight * kl / divisor
 
 
 def gaussian_nll(
@@ -241,7 +262,7 @@ def fit_bayes_by_backprop(
     lr: float,
     noise_sigma: float,
     kl_weight: float = 1.0,
-    kl_scale: str = "per_example",
+    kl_scaling: str = "per_example",
     batch_size: int | None = None,
 ) -> dict[str, list[float]]:
     r"""Minimise the negative ELBO with Adam; return the curves of its two terms.
@@ -255,9 +276,9 @@ def fit_bayes_by_backprop(
         \frac{1}{B}\sum_{n \in \text{batch}} -\log\mathcal{N}(y_n \mid f(x_n; w_n), \sigma^2)
         + \beta\,\frac{\mathrm{KL}(q\,\|\,p)}{N'},
 
-    with :math:`N' = N` (the number of rows of ``x``) for ``kl_scale="per_example"``, the
-    ELBO, and :math:`N' = 1` for ``kl_scale="unscaled"``, the mistake of adding the raw KL to a
-    mean NLL.
+    with :math:`N' = N` (the number of rows of ``x``) for ``kl_scaling="per_example"``, the
+    ELBO, and :math:`N' = 1` for ``kl_scaling="unscaled"``, the mistake of adding the raw KL to
+    a mean NLL: :func:`negative_elbo`.
 
     Parameters
     ----------
@@ -272,8 +293,8 @@ def fit_bayes_by_backprop(
         Known observation noise :math:`\sigma` of the Gaussian likelihood.
     kl_weight:
         :math:`\beta`, see :func:`negative_elbo`.
-    kl_scale:
-        ``"per_example"`` or ``"unscaled"``.
+    kl_scaling:
+        ``"per_example"`` or ``"unscaled"`` (:data:`KL_SCALINGS`).
     batch_size:
         Mini-batch size, or ``None`` for full-batch steps.
 
@@ -283,8 +304,8 @@ def fit_bayes_by_backprop(
         ``{"nll": [...], "kl": [...], "loss": [...]}``, one float per step: the batch's mean
         NLL, the **total** KL and the loss that was minimised.
     """
-    if kl_scale not in KL_SCALES:
-        raise ValueError(f"kl_scale must be one of {KL_SCALES}, got {kl_scale!r}")
+    if kl_scaling not in KL_SCALINGS:
+        raise ValueError(f"kl_scaling must be one of {KL_SCALINGS}, got {kl_scaling!r}")
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x and y must have shapes (N, in) and (N, out) with the same N >= 1, "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -295,7 +316,6 @@ def fit_bayes_by_backprop(
     num_train = x.shape[0]
     if batch_size is not None and not 1 <= batch_size <= num_train:
         raise ValueError(f"batch_size must be in [1, {num_train}] or None, got {batch_size!r}")
-    kl_divisor = num_train if kl_scale == "per_example" else 1
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history: dict[str, list[float]] = {"nll": [], "kl": [], "loss": []}
@@ -308,7 +328,7 @@ def fit_bayes_by_backprop(
             x_batch, y_batch = x[index], y[index]
         nll = gaussian_nll(model(x_batch, sample=True), y_batch, noise_sigma)
         kl = model.kl_divergence()
-        loss = negative_elbo(nll, kl, kl_divisor, kl_weight)
+        loss = negative_elbo(nll, kl, num_train, kl_scaling=kl_scaling, kl_weight=kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

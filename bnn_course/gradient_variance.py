@@ -1,8 +1,8 @@
-r"""Three ways to sample a Bayesian dense layer for a mini-batch, and their gradient variance.
+r"""Four ways to sample a Bayesian dense layer for a mini-batch, and their gradient variance.
 
 A :class:`~bnn_course.layers.BayesianDenseFlipout` holds a factorised Gaussian
 :math:`q(W, b)` with means :math:`\mu` and standard deviations :math:`\sigma`. For a
-mini-batch :math:`x_1, \dots, x_B` every example needs weights drawn from :math:`q`. Three
+mini-batch :math:`x_1, \dots, x_B` every example needs weights drawn from :math:`q`. Four
 estimators do this (chapter 3), all with the same per-example output distribution:
 
 * **shared perturbation** (:func:`dense_shared_sample`): one :math:`W \sim q` for the whole
@@ -13,6 +13,14 @@ estimators do this (chapter 3), all with the same per-example output distributio
   :math:`W_n = \mu + \Delta W \circ (s_n r_n^\top)`. Two matrix products.
 * **independent samples** (:func:`dense_independent_samples`): one :math:`W_n \sim q` per
   example. Exact, but :math:`B` times the memory and a batched product of :math:`B` matrices.
+* **local reparameterisation** (:func:`dense_local_reparameterization`, Kingma, Salimans
+  and Welling, 2015): sample the pre-activations instead of the weights. For a fixed input
+  the output of a Gaussian layer is Gaussian with mean :math:`\mu x_n + \mu_b` and variance
+  :math:`\sigma^2 x_n^2 + \sigma_b^2` (squares elementwise), so draw it directly with fresh
+  noise per example and unit. Two matrix products and exactly the per-example distribution
+  of independent samples. The weights are never drawn; that is exact because in a dense
+  layer each weight enters one output of an example once. In a convolution a weight
+  enters every position, and sampling outputs independently breaks that (chapter 4).
 
 :func:`gradient_variance` measures how much of the mini-batch gradient's variance comes from
 the weight noise; :func:`loglog_slope` fits how it falls with the batch size and
@@ -32,7 +40,8 @@ pairs :math:`n \ne m` of
 :math:`\operatorname{tr}\operatorname{Cov}(g_n, g_m)`. Independent samples have
 :math:`\bar c = 0`; a shared perturbation has :math:`\bar c > 0` and the variance levels off
 at :math:`\bar c`; Flipout's signs remove every part of :math:`\bar c` that is odd in the
-perturbation (Wen et al., 2018).
+perturbation (Wen et al., 2018). The local reparameterisation draws every example's
+noise independently, so its :math:`\bar c` is zero as for independent samples.
 """
 
 from __future__ import annotations
@@ -119,16 +128,47 @@ def dense_independent_samples(layer: BayesianDenseFlipout, x: torch.Tensor) -> t
     return output
 
 
+def dense_local_reparameterization(layer: BayesianDenseFlipout,
+                                   x: torch.Tensor) -> torch.Tensor:
+    r"""The local reparameterisation trick: sample each example's output, not the weights.
+
+    .. math::
+
+        m_n = \mu_W x_n + \mu_b, \qquad
+        v_n = (\sigma_W \circ \sigma_W)(x_n \circ x_n) + \sigma_b \circ \sigma_b,
+        \qquad y_n = m_n + \sqrt{v_n} \circ \zeta_n,
+
+    with :math:`\zeta_n \sim \mathcal{N}(0, I)` independent for every example and output
+    unit (Kingma, Salimans and Welling, 2015). For a fixed input this is exactly the
+    distribution of :math:`W_n x_n + b_n` with :math:`W_n, b_n \sim q` independent per
+    example: a sum of independent Gaussians is Gaussian with the summed variances, and the
+    units of one example are independent because the rows of :math:`W_n` are. For a batch
+    it is two matrix products, :math:`X \mu_W^\top` and
+    :math:`(X \circ X)(\sigma_W \circ \sigma_W)^\top`, and :math:`B \times \text{out}`
+    Gaussian numbers. The variance is floored at the smallest positive float before the
+    square root, so an all-zero input without bias has a finite gradient.
+
+    Shapes: ``x`` (B, in_features); returns (B, out_features).
+    """
+    _check_input(layer, x)
+    mean = F.linear(x, layer.weight_mu, layer.bias_mu)
+    bias_variance = None if layer.bias_sigma is None else layer.bias_sigma.pow(2)
+    variance = F.linear(x.pow(2), layer.weight_sigma.pow(2), bias_variance)
+    floor = torch.finfo(variance.dtype).tiny
+    return mean + variance.clamp_min(floor).sqrt() * torch.randn_like(mean)
+
+
 def dense_mean_weights(layer: BayesianDenseFlipout, x: torch.Tensor) -> torch.Tensor:
     """The deterministic layer with the posterior means, ``layer(x, sample=False)``."""
     return layer(x, sample=False)
 
 
-#: The three sampling estimators of chapter 3, by name.
+#: The four sampling estimators of chapter 3, by name.
 ESTIMATORS: dict[str, ForwardFn] = {
     "shared": dense_shared_sample,
     "flipout": dense_flipout_samples,
     "independent": dense_independent_samples,
+    "lrt": dense_local_reparameterization,
 }
 
 

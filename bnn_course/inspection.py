@@ -22,13 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout, _BayesianLayer
-from bnn_course.models import BayesianCNN
+from bnn_course.layers import (
+    BayesianConv2dFlipout,
+    BayesianDenseFlipout,
+    BayesianLayer,
+    bayesian_layers,
+)
+from bnn_course.models import CNNStack
 
 
 def _weight_and_bias_counts(module: nn.Module) -> tuple[int, int]:
     """Numbers of weights and biases of one layer (random variables for a Bayesian layer)."""
-    if isinstance(module, _BayesianLayer):
+    if isinstance(module, BayesianLayer):
         biases = 0 if module.bias_mu is None else module.bias_mu.numel()
         return module.weight_mu.numel(), biases
     weight = getattr(module, "weight", None)
@@ -56,7 +61,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     dict
         ``{"weights": int, "biases": int, "learned": int}``.
     """
-    layers = [m for m in model.modules() if isinstance(m, _BayesianLayer)]
+    layers: list[nn.Module] = [layer for _, layer in bayesian_layers(model)]
     if not layers:
         layers = [m for m in model.modules() if not list(m.children())]
     weights = biases = 0
@@ -74,7 +79,7 @@ def _reported_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in bayesian_prefixes):
             continue
-        if isinstance(module, _BayesianLayer):
+        if isinstance(module, BayesianLayer):
             bayesian_prefixes.append(name)
             reported.append((name, module))
         elif not list(module.children()) and module is not model:
@@ -118,7 +123,7 @@ def layer_table(
         def hook(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             weights, biases = _weight_and_bias_counts(module)
             kl = (float(module.kl_divergence().item())
-                  if isinstance(module, _BayesianLayer) else None)
+                  if isinstance(module, BayesianLayer) else None)
             rows.append({
                 "name": name,
                 "type": type(module).__name__,
@@ -138,7 +143,7 @@ def layer_table(
         dtype = parameter.dtype if parameter is not None else torch.float32
         device = parameter.device if parameter is not None else torch.device("cpu")
         x = torch.zeros(tuple(input_shape), dtype=dtype, device=device)
-        is_bayesian = any(isinstance(m, _BayesianLayer) for _, m in reported)
+        is_bayesian = any(isinstance(m, BayesianLayer) for _, m in reported)
         with torch.no_grad():
             if is_bayesian:
                 model(x, sample=sample)
@@ -150,12 +155,37 @@ def layer_table(
     return rows
 
 
-def deterministic_twin(model: BayesianCNN) -> nn.Sequential:
+def _posterior_mean_layer(layer: nn.Module) -> nn.Module:
+    """``nn.Conv2d``/``nn.Linear`` with a Bayesian layer's means; other stages unchanged."""
+    plain: nn.Conv2d | nn.Linear
+    factory = {"device": layer.weight_mu.device, "dtype": layer.weight_mu.dtype} \
+        if isinstance(layer, BayesianLayer) else {}
+    if isinstance(layer, BayesianConv2dFlipout):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                          stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                          groups=layer.groups, bias=layer.bias_mu is not None, **factory)
+    elif isinstance(layer, BayesianDenseFlipout):
+        plain = nn.Linear(layer.in_features, layer.out_features,
+                          bias=layer.bias_mu is not None, **factory)
+    elif isinstance(layer, BayesianLayer):
+        raise ValueError(f"no deterministic counterpart for {type(layer).__name__}")
+    else:
+        return layer
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight_mu)
+        if layer.bias_mu is not None and plain.bias is not None:
+            plain.bias.copy_(layer.bias_mu)
+    return plain
+
+
+def deterministic_twin(model: CNNStack) -> nn.Sequential:
     """The ordinary CNN of the same shape as ``model``, with the posterior means as weights.
 
     ``deterministic_twin(model)(x)`` equals ``model(x, sample=False)`` (up to floating-point
     rounding), and it has half as many parameters as ``model``: a deterministic network
     learns one number per weight, the Bayesian one two (:math:`\\mu`, :math:`\\log\\sigma`).
+    The layout is the model's own (:meth:`~bnn_course.models.CNNStack.stages`), every
+    Bayesian layer replaced by an ``nn.Conv2d`` or ``nn.Linear`` holding its means.
 
     Returns
     -------
@@ -163,35 +193,8 @@ def deterministic_twin(model: BayesianCNN) -> nn.Sequential:
         ``[Conv2d, ReLU, Conv2d, ReLU, MaxPool2d] * blocks, Flatten, Linear, ReLU, Linear,
         LogSoftmax``; input (B, C, H, W), output (B, num_classes) of log-probabilities.
     """
-    layers: list[nn.Module] = []
-
-    def copy_means(target: nn.Conv2d | nn.Linear, source: _BayesianLayer) -> None:
-        with torch.no_grad():
-            target.weight.copy_(source.weight_mu)
-            if source.bias_mu is not None and target.bias is not None:
-                target.bias.copy_(source.bias_mu)
-
-    for index, conv in enumerate(model.convs):
-        assert isinstance(conv, BayesianConv2dFlipout)
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                          stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                          groups=conv.groups, bias=conv.bias_mu is not None)
-        copy_means(plain, conv)
-        layers += [plain, nn.ReLU()]
-        if index % 2 == 1:  # end of a block of two convolutions, as in BayesianCNN.forward
-            layers.append(nn.MaxPool2d(2))
-    layers.append(nn.Flatten(1))
-    for dense, activation in ((model.hidden, nn.ReLU()), (model.classifier, None)):
-        assert isinstance(dense, BayesianDenseFlipout)
-        plain_dense = nn.Linear(dense.in_features, dense.out_features,
-                                bias=dense.bias_mu is not None)
-        copy_means(plain_dense, dense)
-        layers.append(plain_dense)
-        if activation is not None:
-            layers.append(activation)
-    layers.append(nn.LogSoftmax(dim=-1))
-    device = model.classifier.weight_mu.device
-    return nn.Sequential(*layers).to(device)
+    return nn.Sequential(*(_posterior_mean_layer(stage) for stage in model.stages()),
+                         nn.LogSoftmax(dim=-1))
 
 
 def prediction_spread(

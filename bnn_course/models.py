@@ -10,40 +10,164 @@ Default architecture for 32x32 RGB images (CIFAR-10), the "seed-sized" network o
 Every convolution and dense layer is Bayesian (weights and biases Gaussian). The output is
 log-probabilities, so the negative log-likelihood of a label is ``-output[label]``
 (``F.nll_loss``).
+
+The layout is written once, in :class:`CNNStack`, which takes the layers from two factories
+``conv(in_channels, out_channels)`` and ``dense(in_features, out_features)``:
+:class:`BayesianCNN` passes Flipout layers, :class:`DeterministicCNN` ``nn.Conv2d`` and
+``nn.Linear``, the benchmark bayesian-torch's Flipout layers, and
+:func:`bnn_course.inspection.deterministic_twin` copies the stages of a trained model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout, _BayesianLayer
+from bnn_course.layers import (
+    BayesianConv2dFlipout,
+    BayesianDenseFlipout,
+    BayesianLayer,
+    bayesian_layers,
+)
+
+LayerFactory = Callable[[int, int], nn.Module]
+"""``factory(in, out)``: a conv (3x3, padding 1) or dense layer with those widths."""
+
+
+def _check_channels(channels: Sequence[int]) -> tuple[int, ...]:
+    widths = tuple(channels)
+    if not widths or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                         for c in widths):
+        raise ValueError(f"channels must be a non-empty sequence of positive ints (one per "
+                         f"block of two convolutions), got {channels!r}")
+    return widths
 
 
 def flat_feature_count(image_size: int, channels: Sequence[int]) -> int:
     """Features after the convolution blocks: ``channels[-1] * (image_size / 2**blocks)**2``.
 
     Each block of two 3x3 convolutions ends with a 2x2 max pool, so ``image_size`` must be
-    divisible by ``2 ** len(channels)``; a ``ValueError`` says so otherwise.
+    divisible by ``2 ** len(channels)``, and ``channels`` must not be empty; a
+    ``ValueError`` says so otherwise.
     """
-    downsampling = 2 ** len(channels)
-    if image_size % downsampling:
-        raise ValueError(f"image_size ({image_size}) must be divisible by "
-                         f"2**len(channels) = {downsampling}")
-    return int(channels[-1]) * (image_size // downsampling) ** 2
+    widths = _check_channels(channels)
+    downsampling = 2 ** len(widths)
+    if image_size < 1 or image_size % downsampling:
+        raise ValueError(f"image_size ({image_size}) must be a positive multiple of "
+                         f"2**len(channels) = {downsampling} (divisible)")
+    return widths[-1] * (image_size // downsampling) ** 2
 
 
-def _check_images(x: torch.Tensor, in_channels: int, image_size: int, name: str) -> None:
-    expected = (in_channels, image_size, image_size)
-    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"{name} expects images of shape (batch, {expected[0]}, "
-                         f"{expected[1]}, {expected[2]}), got {tuple(x.shape)}")
+class CNNStack(nn.Module):
+    r"""The book's CNN layout, with its layers made by two factories.
+
+    For ``channels = (c_1, ..., c_L)``, in call order::
+
+        [conv(c_{l-1}, c_l), ReLU, conv(c_l, c_l), ReLU, MaxPool2d(2)]   l = 1..L, c_0 = C
+        Flatten, [Dropout], dense(F, hidden), ReLU, [Dropout], dense(hidden, K)
+
+    with :math:`F = c_L (S / 2^L)^2` features (:func:`flat_feature_count`) and the dropout
+    stages only for ``dropout > 0``. The layers are registered as ``convs`` (a
+    ``ModuleList``), ``hidden`` and ``classifier``; ReLU, pooling, flatten and dropout are
+    stateless and not registered (they have no parameters, and :meth:`stages` lists them).
+
+    Parameters
+    ----------
+    conv, dense:
+        Layer factories ``conv(in_channels, out_channels)`` (a 3x3 convolution with padding
+        1, which keeps the spatial size) and ``dense(in_features, out_features)``.
+    num_classes, in_channels, image_size, channels, hidden_features:
+        :math:`K`, :math:`C`, :math:`S` (square images, divisible by :math:`2^L`),
+        :math:`(c_1, \ldots, c_L)` (non-empty) and the hidden width.
+    dropout:
+        Probability of the dropout stages; 0 leaves them out.
+    """
+
+    def __init__(
+        self,
+        conv: LayerFactory,
+        dense: LayerFactory,
+        *,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        channels: Sequence[int],
+        hidden_features: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                            ("hidden_features", hidden_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        flat_features = flat_feature_count(image_size, channels)
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.image_size = int(image_size)
+        self.dropout = float(dropout)
+        convs: list[nn.Module] = []
+        previous = self.in_channels
+        for width in _check_channels(channels):
+            convs += [conv(previous, width), conv(width, width)]
+            previous = width
+        self.convs = nn.ModuleList(convs)
+        self.hidden = dense(flat_features, hidden_features)
+        self.classifier = dense(hidden_features, num_classes)
+
+        stages: list[nn.Module] = []
+        for index, layer in enumerate(self.convs):
+            stages += [layer, nn.ReLU()]
+            if index % 2 == 1:  # end of a block of two convolutions
+                stages.append(nn.MaxPool2d(2))
+        stages.append(nn.Flatten(1))
+        for layer, activation in ((self.hidden, nn.ReLU()), (self.classifier, None)):
+            if self.dropout > 0:
+                stages.append(nn.Dropout(self.dropout))
+            stages.append(layer)
+            if activation is not None:
+                stages.append(activation)
+        # A plain tuple: the layers are registered above, the rest has no state.
+        self._stages = tuple(stages)
+
+    def stages(self) -> tuple[nn.Module, ...]:
+        """Every stage in call order: the layers and the ReLU, pooling, flatten (dropout)."""
+        return self._stages
+
+    def layers(self) -> list[nn.Module]:
+        """The convolutions, the hidden and the output layer, input to output."""
+        return [*self.convs, self.hidden, self.classifier]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """A ``ValueError`` naming the expected shape and dtype unless ``x`` fits."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        shape = f"(batch, {expected[0]}, {expected[1]}, {expected[2]})"
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{type(self).__name__} expects images of shape {shape}, got "
+                             f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects floating-point images of shape "
+                             f"{shape}, got {x.dtype} (normalise uint8 images first, e.g. "
+                             "with bnn_course.data.normalize)")
+
+    def run_stages(
+        self, x: torch.Tensor, call: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """The log-probabilities (B, num_classes) of ``x = call(stage, x)`` over the stages.
+
+        The log-softmax is taken in at least float32 (float64 for a float64 network), also
+        when the logits come out of a bfloat16 autocast region.
+        """
+        for stage in self._stages:
+            x = call(stage, x)
+        return F.log_softmax(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
 
-class BayesianCNN(nn.Module):
+class BayesianCNN(CNNStack):
     """A convolutional classifier whose every weight and bias is a Gaussian.
 
     Parameters
@@ -56,7 +180,8 @@ class BayesianCNN(nn.Module):
         Height and width of the (square) input images; must be divisible by
         ``2 ** len(channels)``.
     channels:
-        Output channels of each block of two 3x3 convolutions followed by a 2x2 max pool.
+        Output channels of each block of two 3x3 convolutions followed by a 2x2 max pool;
+        at least one block.
     hidden_features:
         Width of the hidden dense layer.
     prior_sigma, init_log_sigma, parametrization:
@@ -64,8 +189,9 @@ class BayesianCNN(nn.Module):
 
     Shapes
     ------
-    Input (B, in_channels, image_size, image_size); output (B, num_classes) of
-    log-probabilities (each row's ``exp`` sums to one), in float32.
+    Input (B, in_channels, image_size, image_size), floating point; output
+    (B, num_classes) of log-probabilities (each row's ``exp`` sums to one), in float32
+    (float64 for a float64 model).
     """
 
     def __init__(
@@ -79,48 +205,34 @@ class BayesianCNN(nn.Module):
         init_log_sigma: float = -5.0,
         parametrization: str = "log",
     ) -> None:
-        super().__init__()
-        flat_features = flat_feature_count(image_size, channels)
-        self.num_classes = int(num_classes)
-        self.in_channels = int(in_channels)
-        self.image_size = int(image_size)
         layer_args = {"prior_sigma": prior_sigma, "init_log_sigma": init_log_sigma,
                       "parametrization": parametrization}
-
-        convs: list[BayesianConv2dFlipout] = []
-        previous = self.in_channels
-        for width in channels:
-            convs.append(BayesianConv2dFlipout(previous, width, 3, padding=1, **layer_args))
-            convs.append(BayesianConv2dFlipout(width, width, 3, padding=1, **layer_args))
-            previous = width
-        self.convs = nn.ModuleList(convs)
-        self.hidden = BayesianDenseFlipout(flat_features, hidden_features, **layer_args)
-        self.classifier = BayesianDenseFlipout(hidden_features, num_classes, **layer_args)
+        super().__init__(
+            lambda c_in, c_out: BayesianConv2dFlipout(c_in, c_out, 3, padding=1, **layer_args),
+            lambda f_in, f_out: BayesianDenseFlipout(f_in, f_out, **layer_args),
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+            channels=channels, hidden_features=hidden_features)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Log-probabilities (B, num_classes); ``sample=False`` uses the posterior means."""
-        _check_images(x, self.in_channels, self.image_size, type(self).__name__)
-        for index, conv in enumerate(self.convs):
-            x = F.relu(conv(x, sample=sample))
-            if index % 2 == 1:  # end of a block of two convolutions
-                x = F.max_pool2d(x, 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.hidden(x, sample=sample))
-        logits = self.classifier(x, sample=sample)
-        return F.log_softmax(logits.float(), dim=-1)
+        self.check_input(x)
 
-    def bayesian_layers(self) -> Iterator[tuple[str, _BayesianLayer]]:
+        def call(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return stage(h, sample=sample) if isinstance(stage, BayesianLayer) else stage(h)
+
+        return self.run_stages(x, call)
+
+    def bayesian_layers(self) -> list[tuple[str, BayesianLayer]]:
         """``(name, layer)`` for every Bayesian layer, input to output."""
-        for name, module in self.named_modules():
-            if isinstance(module, _BayesianLayer):
-                yield name, module
+        return bayesian_layers(self)
 
     def kl_divergence(self) -> torch.Tensor:
-        """Sum of the layers' closed-form KL divergences; a float32 scalar."""
+        """Sum of the layers' closed-form KL divergences; a float32 scalar (float64 for a
+        float64 model)."""
         return torch.stack([layer.kl_divergence() for _, layer in self.bayesian_layers()]).sum()
 
 
-class DeterministicCNN(nn.Module):
+class DeterministicCNN(CNNStack):
     """The deterministic twin of :class:`BayesianCNN`: same layers, point-estimate weights.
 
     Same constructor arguments (minus the Bayesian ones) and the same interface:
@@ -143,40 +255,25 @@ class DeterministicCNN(nn.Module):
         hidden_features: int = 256,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.dropout = float(dropout)
-        flat_features = flat_feature_count(image_size, channels)
-        self.num_classes = int(num_classes)
-        self.in_channels = int(in_channels)
-        self.image_size = int(image_size)
-        convs: list[nn.Conv2d] = []
-        previous = self.in_channels
-        for width in channels:
-            convs.append(nn.Conv2d(previous, width, 3, padding=1))
-            convs.append(nn.Conv2d(width, width, 3, padding=1))
-            previous = width
-        self.convs = nn.ModuleList(convs)
-        self.hidden = nn.Linear(flat_features, hidden_features)
-        self.classifier = nn.Linear(hidden_features, num_classes)
+        super().__init__(
+            lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1), nn.Linear,
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+            channels=channels, hidden_features=hidden_features, dropout=dropout)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Log-probabilities (B, num_classes); ``sample`` switches MC dropout on or off."""
-        _check_images(x, self.in_channels, self.image_size, type(self).__name__)
-        for index, conv in enumerate(self.convs):
-            x = F.relu(conv(x))
-            if index % 2 == 1:
-                x = F.max_pool2d(x, 2)
-        drop = sample and self.dropout > 0
-        x = F.dropout(torch.flatten(x, 1), self.dropout, training=drop)
-        x = F.relu(self.hidden(x))
-        x = F.dropout(x, self.dropout, training=drop)
-        return F.log_softmax(self.classifier(x).float(), dim=-1)
+        self.check_input(x)
 
-    def bayesian_layers(self) -> Iterator[tuple[str, _BayesianLayer]]:
-        """No Bayesian layers: an empty iterator."""
-        return iter(())
+        def call(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            if isinstance(stage, nn.Dropout):  # driven by `sample`, not by train()/eval()
+                return F.dropout(h, stage.p, training=sample)
+            return stage(h)
+
+        return self.run_stages(x, call)
+
+    def bayesian_layers(self) -> list[tuple[str, BayesianLayer]]:
+        """No Bayesian layers: an empty list."""
+        return []
 
     def kl_divergence(self) -> torch.Tensor:
         """Zero: point estimates carry no KL term."""

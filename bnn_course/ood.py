@@ -19,7 +19,8 @@
 
 SVHN and CIFAR-100 are read from ``root``, else ``BNN_COURSE_DATA``, else
 ``~/.cache/bnn_course/data`` (torchvision's layouts: ``test_32x32.mat`` and
-``cifar-100-python/``), and downloaded there when missing and ``allow_download`` is true.
+``cifar-100-python/``). They are downloaded only into that default folder, when missing and
+``allow_download`` is true; a folder named explicitly must exist and is only read.
 A set that cannot be had is skipped with a printed reason; the offline sets are always there.
 """
 
@@ -32,9 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bnn_course import config
 from bnn_course.corruptions import gaussian_filter
-from bnn_course.data import user_cache_dir
+from bnn_course.data import resolve_data_root
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +147,12 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
     Parameters
     ----------
     root:
-        Folder of SVHN and CIFAR-100 (and where to download them); default
-        ``BNN_COURSE_DATA``, else ``~/.cache/bnn_course/data``.
+        Folder of SVHN and CIFAR-100; default ``BNN_COURSE_DATA``, else
+        ``~/.cache/bnn_course/data``. A folder given here or in ``BNN_COURSE_DATA`` must
+        exist (``FileNotFoundError`` otherwise) and is never downloaded into.
     allow_download:
-        Let torchvision download a missing SVHN or CIFAR-100 (about 64 MB and 161 MB).
+        Let torchvision download a missing SVHN or CIFAR-100 (about 64 MB and 161 MB) into
+        the default folder.
         Without network the download fails, and the set is skipped with the reason.
     max_images:
         Keep at most this many images per set: a random subset (in the original order)
@@ -167,18 +169,23 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
     """
     if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
         raise ValueError(f"max_images must be a positive int or None, got {max_images!r}")
-    explicit = root if root is not None else config.data_root()
-    folder = Path(explicit).expanduser() if explicit else user_cache_dir() / "data"
+    folder, explicit = resolve_data_root(root)
+    # A folder the user named is read, never downloaded into: a mistyped path must not fill
+    # up with 225 MB. Downloads go only into the default cache.
+    download = allow_download and not explicit
     sets: dict[str, tuple[torch.Tensor, str]] = {}
     skipped: dict[str, str] = {}
 
     for name, (load, description) in _TORCHVISION_SETS.items():
         try:
-            images = load(folder, allow_download)
+            images = load(folder, download)
         except Exception as error:  # no network, not downloaded, corrupt file, no scipy ...
             why = f"{type(error).__name__}: {error}".strip()
-            if allow_download:
+            if download:
                 skipped[name] = f"could not be loaded from, or downloaded to, {folder} ({why})"
+            elif explicit:
+                skipped[name] = (f"could not be loaded from {folder}, a folder given explicitly "
+                                 f"and so never downloaded into ({why})")
             else:
                 skipped[name] = (f"could not be loaded from {folder} and allow_download=False "
                                  f"({why})")

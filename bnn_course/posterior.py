@@ -50,18 +50,34 @@ def gaussian_kl_divergence(
     Returns
     -------
     torch.Tensor
-        A float32 scalar, whatever the input dtype or an enclosing autocast.
+        A scalar in at least float32 (float64 for float64 inputs), whatever an enclosing
+        autocast: a sum over millions of weights in bfloat16 would lose most of its digits.
     """
-    if prior_sigma <= 0:
+    if not prior_sigma > 0:
         raise ValueError(f"prior_sigma must be positive, got {prior_sigma}")
     if mu.shape != sigma.shape:
         raise ValueError(f"mu and sigma must have the same shape, got {tuple(mu.shape)} "
                          f"and {tuple(sigma.shape)}")
-    mu32, sigma32 = mu.float(), sigma.float()
-    ratio = sigma32 / prior_sigma
+    dtype = torch.promote_types(torch.promote_types(mu.dtype, sigma.dtype), torch.float32)
+    mu_, sigma_ = mu.to(dtype), sigma.to(dtype)
+    ratio = sigma_ / prior_sigma
     # log(ratio) rather than log(ratio**2): the square underflows for sigma/s < 1e-19.
-    kl = 0.5 * (ratio**2 + (mu32 / prior_sigma) ** 2 - 1.0) - torch.log(ratio)
+    kl = 0.5 * (ratio**2 + (mu_ / prior_sigma) ** 2 - 1.0) - torch.log(ratio)
     return kl.sum()
+
+
+def inverse_softplus(sigma: float) -> float:
+    r""":math:`\rho` with :math:`\log(1 + e^\rho) = \sigma`, i.e. :math:`\log(e^\sigma - 1)`.
+
+    Written as :math:`\sigma + \log(1 - e^{-\sigma})` for large :math:`\sigma` (where
+    :math:`e^\sigma` overflows) and as ``log(expm1(sigma))`` otherwise (exact for tiny
+    :math:`\sigma`).
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
+    if sigma > 20.0:
+        return sigma + math.log(-math.expm1(-sigma))
+    return math.log(math.expm1(sigma))
 
 
 class GaussianPosterior(nn.Module):
@@ -94,31 +110,68 @@ class GaussianPosterior(nn.Module):
         shape: tuple[int, ...],
         init_log_sigma: float = -5.0,
         parametrization: str = "log",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(
                 f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}"
             )
+        factory = {"device": device, "dtype": dtype}
         self.shape = tuple(int(s) for s in shape)
         self.parametrization = parametrization
         self.init_log_sigma = float(init_log_sigma)
-        self.mu = nn.Parameter(torch.zeros(self.shape))
+        self.mu = nn.Parameter(torch.zeros(self.shape, **factory))
         if parametrization == "log":
-            self.log_sigma = nn.Parameter(torch.empty(self.shape))
+            self.log_sigma = nn.Parameter(torch.empty(self.shape, **factory))
         else:
-            self.rho = nn.Parameter(torch.empty(self.shape))
+            self.rho = nn.Parameter(torch.empty(self.shape, **factory))
         self.reset_sigma()
+
+    @property
+    def sigma_parameter(self) -> nn.Parameter:
+        r"""The learned parameter behind :math:`\sigma`: ``log_sigma`` or ``rho``."""
+        return self.log_sigma if self.parametrization == "log" else self.rho
 
     def reset_sigma(self) -> None:
         """Set every :math:`\\sigma` to ``exp(init_log_sigma)``."""
-        sigma0 = math.exp(self.init_log_sigma)
-        with torch.no_grad():
-            if self.parametrization == "log":
+        if self.parametrization == "log":
+            with torch.no_grad():
                 self.log_sigma.fill_(self.init_log_sigma)
-            else:
-                # inverse softplus: rho = log(exp(sigma) - 1), stable for small sigma
-                self.rho.fill_(math.log(math.expm1(sigma0)))
+        else:
+            self.set_sigma(math.exp(self.init_log_sigma))
+
+    @torch.no_grad()
+    def set_sigma(self, sigma: float) -> None:
+        r"""Set every :math:`\sigma` to ``sigma``, in either parametrisation.
+
+        Writes :math:`\lambda = \log\sigma` (log) or :math:`\rho = \log(e^\sigma - 1)`
+        (softplus, :func:`inverse_softplus`) into the parameter, in place.
+
+        Parameters
+        ----------
+        sigma:
+            The standard deviation, positive and finite.
+        """
+        sigma = float(sigma)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be positive and finite, got {sigma}")
+        if self.parametrization == "log":
+            self.log_sigma.fill_(math.log(sigma))
+        else:
+            self.rho.fill_(inverse_softplus(sigma))
+
+    def log_sigma_values(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        r""":math:`\log\sigma`, detached, in ``dtype`` (float64 by default).
+
+        Exact for the log parametrisation (the parameter itself, no ``exp``/``log`` trip);
+        :math:`\log\operatorname{softplus}(\rho)` computed in ``dtype`` otherwise.
+        """
+        if self.parametrization == "log":
+            return self.log_sigma.detach().to(dtype)
+        return torch.log(F.softplus(self.rho.detach().to(dtype)))
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -141,7 +194,10 @@ class GaussianPosterior(nn.Module):
         return self.mu + self.perturbation()
 
     def kl_divergence(self, prior_sigma: float) -> torch.Tensor:
-        """Closed-form KL to :math:`\\mathcal{N}(0, \\text{prior\\_sigma}^2)`; float32 scalar."""
+        """Closed-form KL to :math:`\\mathcal{N}(0, \\text{prior\\_sigma}^2)`.
+
+        A scalar in at least float32 (see :func:`gaussian_kl_divergence`).
+        """
         return gaussian_kl_divergence(self.mu, self.sigma, prior_sigma)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,33 @@ from bnn_course import __version__
 from bnn_course.config import mode
 
 PREFIX = "Provenance:"
+
+
+def _git(folder: Path, *arguments: str) -> str | None:
+    """The output of ``git ARGUMENTS`` run in ``folder``, or ``None`` if git fails."""
+    try:
+        return subprocess.run(["git", *arguments], capture_output=True, text=True, check=True,
+                              cwd=folder, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_state(folder: str | os.PathLike | None = None) -> dict[str, str | bool | None]:
+    """``{"git_commit": ..., "git_dirty": ...}`` of the repository holding ``folder``
+    (default: this package's folder).
+
+    ``git_commit`` is ``HEAD``'s hash; ``git_dirty`` is ``True`` when tracked files have
+    uncommitted changes (untracked files are ignored), so a result can be traced to the
+    exact code only when it is ``False``. Both are ``None`` outside a git checkout (e.g. an
+    installed wheel) or without git.
+    """
+    folder = Path(__file__).resolve().parent if folder is None else Path(folder)
+    commit = _git(folder, "rev-parse", "HEAD")
+    if commit is None or not commit.strip():
+        return {"git_commit": None, "git_dirty": None}
+    status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    dirty = None if status is None else bool(status.strip())
+    return {"git_commit": commit.strip(), "git_dirty": dirty}
 
 
 def device_description(device: torch.device | str | None = None) -> str:

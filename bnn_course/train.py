@@ -9,19 +9,29 @@ The loss of one mini-batch :math:`B` is the negative ELBO per training example
     \; + \; \beta\,\gamma_t\,\frac{\mathrm{KL}(q \,\|\, p)}{N},
     \qquad w_t \sim q \text{ (Flipout)},
 
-where :math:`N` is the number of training examples. Both terms are logged separately.
+where :math:`N` is the number of training examples (``kl_scaling="unscaled"`` leaves out
+the :math:`1/N`). It is :func:`bnn_course.elbo.negative_elbo`, the loss of chapter 2. Both
+terms are logged separately.
+
+:func:`train` reads as its parts: :func:`_setup` (seed, data, model, optimizer),
+:func:`_restore` (resume from a checkpoint), :func:`_train_one_epoch`,
+:func:`_evaluate_epoch`, :func:`_check_finite` and :func:`_checkpoint_state`.
 
 * Device: CUDA when present, then Apple's MPS, then the CPU. On CUDA the forward pass runs
   under ``torch.autocast`` in bfloat16 (the KL and the log-probabilities stay float32) and
-  TF32 matrix products are allowed.
+  TF32 matrix products are allowed while :func:`train` runs (the global settings are
+  restored when it returns) — :mod:`bnn_course.run_folder` holds this policy.
 * Data: the whole training set lives on the device as ``uint8``; batches are augmented and
   normalised there (:mod:`bnn_course.data`).
 * A checkpoint is written atomically after every epoch; ``resume=True`` continues the same
   run (same data order, same noise) after an interruption. On the CPU with a fixed seed an
   interrupted and resumed run ends with exactly the weights of an uninterrupted one.
-* A non-finite loss stops training with a message naming the likely causes.
+* A non-finite loss, weight or metric stops training with a message naming the likely
+  causes, before anything of that epoch is saved.
+* An output folder holds one run: a new run there needs ``resume`` or ``overwrite``.
 
-Command line: ``python -m bnn_course.train --help``.
+Command line: ``python -m bnn_course.train --help`` (one flag per :class:`TrainConfig`
+field). Expected failures print one line ``error: ...``; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -30,11 +40,11 @@ import argparse
 import dataclasses
 import json
 import math
+import operator
 import os
-import subprocess
 import sys
-import tempfile
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,81 +54,149 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnn_course import __version__
+from bnn_course import config as run_config
 from bnn_course.data import CIFAR10Data, iterate_batches, load_cifar10, stratified_subset
+from bnn_course.elbo import KL_SCALINGS, negative_elbo
 from bnn_course.evaluation import evaluate
 from bnn_course.models import BayesianCNN, DeterministicCNN
 from bnn_course.provenance import device_description
+from bnn_course.run_folder import (
+    RunFolderError,
+    atomic_torch_save,
+    atomic_write_text,
+    autocast_dtype,
+    config_differences,
+    data_identity,
+    fast_matmul,
+    identity_differences,
+    prepare_run_folder,
+    provenance,
+)
 from bnn_course.seeding import seed_everything
 
 CHECKPOINT_FORMAT = "bnn_course.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
+CHECKPOINT_FIELDS = ("config", "epoch", "model", "optimizer", "history", "rng", "data_source")
+"""The entries every checkpoint written by :func:`train` has (besides format and version)."""
 
-KL_SCALINGS = ("per_example", "none")
 MODELS = ("bayesian", "deterministic", "mc_dropout")
 SCHEDULES = ("cosine", "constant")
+PARAMETRIZATIONS = ("log", "softplus")
 
-# Fields that may differ between an interrupted run and its resumption.
-_RESUME_FREE_FIELDS = ("device", "compile", "progress", "log_interval")
+RESUME_FREE_FIELDS: tuple[str, ...] = ("device", "compile", "progress", "log_interval")
+"""Fields that may differ between an interrupted run and its resumption."""
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002
+    """A dataclass field with its command-line help text (and e.g. ``choices``) beside it."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (one level, no nesting).
 
-    The defaults are the book's working recipe for the seed-sized BayesianCNN.
+    The defaults are the book's working recipe for the seed-sized BayesianCNN. Every field is
+    also a flag of ``python -m bnn_course.train`` (``kl_weight`` is ``--kl-weight``), with
+    the help text written beside the field; invalid values are a ``ValueError`` here.
     """
 
-    model: str = "bayesian"
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    schedule: str = "cosine"
-    kl_weight: float = 1.0
-    kl_scaling: str = "per_example"
-    kl_warmup_epochs: float = 0.0
-    dropout: float = 0.1
-    init_log_sigma: float = -5.0
-    prior_sigma: float = 1.0
-    parametrization: str = "log"
-    channels: tuple[int, ...] = (32, 64, 128)
-    hidden_features: int = 256
-    augment: bool = True
-    train_subset: int | None = None
-    epoch_eval_samples: int = 4
-    eval_samples: int = 20
-    seed: int = 0
-    log_interval: int = 50
-    device: str = "auto"
-    amp: bool = True
-    compile: bool = False
-    progress: bool = True
+    model: str = _option("bayesian", "the network: the BayesianCNN, its deterministic twin, "
+                         "or the twin with dropout kept on at test time", choices=MODELS)
+    epochs: int = _option(30, "passes over the training set")
+    batch_size: int = _option(256, "examples per mini-batch")
+    lr: float = _option(1e-3, "Adam learning rate")
+    schedule: str = _option("cosine", "learning-rate schedule: cosine-annealed to 0 over "
+                            "the run, or constant", choices=SCHEDULES)
+    kl_weight: float = _option(1.0, "beta, the weight of the KL term (1: the ELBO)")
+    kl_scaling: str = _option("per_example", "per_example divides the KL by N (the ELBO "
+                              "per example); unscaled adds it as it is (the mistake of "
+                              "chapter 7)", choices=KL_SCALINGS)
+    kl_warmup_epochs: float = _option(0.0, "epochs over which the KL weight grows linearly "
+                                      "from 0 to kl_weight")
+    dropout: float = _option(0.1, "dropout probability of the mc_dropout model")
+    init_log_sigma: float = _option(-5.0, "initial log standard deviation of every weight")
+    prior_sigma: float = _option(1.0, "standard deviation s of the N(0, s^2) prior")
+    parametrization: str = _option("log", "sigma = exp(log_sigma) or softplus(rho)",
+                                   choices=PARAMETRIZATIONS)
+    channels: tuple[int, ...] = _option((32, 64, 128), "output channels of the convolution "
+                                        "blocks, comma-separated")
+    hidden_features: int = _option(256, "width of the hidden dense layer")
+    augment: bool = _option(True, "random crops and horizontal flips of training batches")
+    train_subset: int | None = _option(None, "train on the first N training images, N/10 "
+                                       "per class; none: on all of them")
+    epoch_eval_samples: int = _option(4, "posterior samples of the test evaluation after "
+                                      "every epoch (0: posterior means only)")
+    eval_samples: int = _option(20, "posterior samples of the final test evaluation (0: "
+                                "posterior means only)")
+    seed: int = _option(0, "seed of the initialisation, the data order and the noise")
+    log_interval: int = _option(50, "log the loss terms (and check they are finite) every "
+                                "this many steps")
+    device: str = _option("auto", "auto (CUDA, else MPS, else CPU), cuda, cuda:1, mps or cpu")
+    amp: bool = _option(True, "bfloat16 autocast of the forward pass on CUDA")
+    compile: bool = _option(False, "torch.compile the model")
+    progress: bool = _option(True, "progress bars")
 
     def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        checks = {
-            "model": self.model in MODELS,
-            "schedule": self.schedule in SCHEDULES,
-            "parametrization": self.parametrization in ("log", "softplus"),
-            "kl_scaling": self.kl_scaling in KL_SCALINGS,
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "kl_weight": self.kl_weight >= 0,
-            "kl_warmup_epochs": self.kl_warmup_epochs >= 0,
-            "dropout": 0 <= self.dropout < 1,
-            "prior_sigma": self.prior_sigma > 0,
-            "train_subset": self.train_subset is None or self.train_subset >= 10,
-            "epoch_eval_samples": self.epoch_eval_samples >= 0,
-            "eval_samples": self.eval_samples >= 0,
-            "log_interval": self.log_interval >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError("invalid training configuration: " + ", ".join(
-                f"{name}={getattr(self, name)!r}" for name in bad))
+        problems = _config_problems(self)
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _config_problems(config: TrainConfig) -> list[str]:
+    """``"name=value (what it must be)"`` for every invalid field of ``config``."""
+    try:
+        config.channels = tuple(n if isinstance(n, bool) else operator.index(n)
+                                for n in config.channels)
+    except TypeError:
+        pass  # reported below
+    c = config
+    finite = {name: _is_number(getattr(c, name)) and math.isfinite(getattr(c, name))
+              for name in ("lr", "kl_weight", "kl_warmup_epochs", "dropout", "init_log_sigma",
+                           "prior_sigma")}
+    checks = {
+        "model": (c.model in MODELS, f"one of {MODELS}"),
+        "schedule": (c.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+        "parametrization": (c.parametrization in PARAMETRIZATIONS,
+                            f"one of {PARAMETRIZATIONS}"),
+        "kl_scaling": (c.kl_scaling in KL_SCALINGS, f"one of {KL_SCALINGS}"),
+        "epochs": (_is_int(c.epochs) and c.epochs >= 1, "an integer >= 1"),
+        "batch_size": (_is_int(c.batch_size) and c.batch_size >= 1, "an integer >= 1"),
+        "lr": (finite["lr"] and c.lr > 0, "a finite number > 0"),
+        "kl_weight": (finite["kl_weight"] and c.kl_weight >= 0, "a finite number >= 0"),
+        "kl_warmup_epochs": (finite["kl_warmup_epochs"] and c.kl_warmup_epochs >= 0,
+                             "a finite number >= 0"),
+        "dropout": (finite["dropout"] and 0 <= c.dropout < 1, "a number in [0, 1)"),
+        "init_log_sigma": (finite["init_log_sigma"], "a finite number"),
+        "prior_sigma": (finite["prior_sigma"] and c.prior_sigma > 0, "a finite number > 0"),
+        "channels": (isinstance(c.channels, tuple) and len(c.channels) > 0
+                     and all(_is_int(n) and n >= 1 for n in c.channels),
+                     "a non-empty sequence of integers >= 1, e.g. (32, 64, 128)"),
+        "hidden_features": (_is_int(c.hidden_features) and c.hidden_features >= 1,
+                            "an integer >= 1"),
+        "train_subset": (c.train_subset is None
+                         or (_is_int(c.train_subset) and c.train_subset >= 10),
+                         "None or an integer >= 10 (N/10 images per class)"),
+        "epoch_eval_samples": (_is_int(c.epoch_eval_samples) and c.epoch_eval_samples >= 0,
+                               "an integer >= 0"),
+        "eval_samples": (_is_int(c.eval_samples) and c.eval_samples >= 0, "an integer >= 0"),
+        "seed": (_is_int(c.seed) and c.seed >= 0, "an integer >= 0"),
+        "log_interval": (_is_int(c.log_interval) and c.log_interval >= 1, "an integer >= 1"),
+        "device": (isinstance(c.device, str) and c.device.strip() != "",
+                   "a device name such as auto, cpu or cuda"),
+    }
+    return [f"{name}={getattr(c, name)!r} (must be {requirement})"
+            for name, (ok, requirement) in checks.items() if not ok]
 
 
 # Named starting points for the command line (``--recipe``); explicit flags override them.
@@ -128,12 +206,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The reconstructed first attempt that stayed at 10% (chapter 7): the KL summed over all
     # weights and added unscaled to the mean NLL, and every log-sigma initialised at 0
     # (sigma = 1, the prior's scale), with a constant learning rate.
-    "seed": {"kl_scaling": "none", "init_log_sigma": 0.0, "schedule": "constant"},
+    "seed": {"kl_scaling": "unscaled", "init_log_sigma": 0.0, "schedule": "constant"},
 }
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the metrics became NaN or infinite."""
 
 
 class CheckpointError(RuntimeError):
@@ -141,17 +219,35 @@ class CheckpointError(RuntimeError):
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``"auto"``: CUDA, else MPS, else CPU. Any other name is passed to ``torch.device``."""
-    if name != "auto":
+    """``"auto"``: CUDA, else MPS, else CPU. Any other name must be a device that exists here.
+
+    Raises
+    ------
+    ValueError
+        For a name ``torch.device`` does not know, or a device that is not available.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
         device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {name!r} is not a device name; use auto, cpu, cuda, cuda:N "
+                         "or mps") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here; "
+                             "use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only "
+                             f"{torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                     and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} requested but MPS is not available here")
+    return device
 
 
 def build_model(config: TrainConfig, num_classes: int = 10) -> nn.Module:
@@ -164,15 +260,6 @@ def build_model(config: TrainConfig, num_classes: int = 10) -> nn.Module:
                        hidden_features=config.hidden_features, prior_sigma=config.prior_sigma,
                        init_log_sigma=config.init_log_sigma,
                        parametrization=config.parametrization)
-
-
-def kl_term(kl: torch.Tensor, config: TrainConfig, num_train: int, warmup: float) -> torch.Tensor:
-    r"""The KL part of the loss: :math:`\beta\gamma\,\mathrm{KL}/N` (``kl_scaling="none"``
-    drops the :math:`1/N`, the mistake chapter 7 reproduces)."""
-    scale = config.kl_weight * warmup
-    if config.kl_scaling == "per_example":
-        scale /= num_train
-    return kl * scale
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -191,29 +278,48 @@ def mean_sigma_per_layer(model: nn.Module) -> dict[str, float]:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact
+    (:func:`bnn_course.run_folder.atomic_torch_save`)."""
+    atomic_torch_save(path, state)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def config_from_dict(saved: dict[str, Any], path: str | os.PathLike = "checkpoint") -> TrainConfig:
+    """The :class:`TrainConfig` of a checkpoint's ``"config"`` entry.
+
+    Fields it lacks take their defaults; the old name ``kl_scaling="none"`` is read as
+    ``"unscaled"``. Unknown fields or invalid values are a :class:`CheckpointError`.
+    """
+    values = dict(saved)
+    if values.get("kl_scaling") == "none":
+        values["kl_scaling"] = "unscaled"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CheckpointError(f"{path} has configuration fields this bnn_course does not "
+                              f"know: {unknown}")
+    if isinstance(values.get("channels"), list):
+        values["channels"] = tuple(values["channels"])
     try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds an invalid configuration: {error}") from error
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`train` (``weights_only=True``: no code runs).
 
+    ``state["config"]`` is returned as a plain dict with current field names (see
+    :func:`config_from_dict`).
+
     Raises
     ------
     CheckpointError
-        If the file is missing, unreadable (corrupt or truncated) or not a bnn_course
-        checkpoint of a known version.
+        If the file is missing, unreadable (corrupt or truncated), not a bnn_course
+        checkpoint of a known version, or lacks one of :data:`CHECKPOINT_FIELDS`.
     """
     path = Path(path)
     if not path.is_file():
@@ -222,35 +328,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged files
         raise CheckpointError(
-            f"{path} could not be read as a checkpoint ({type(error).__name__}: {error}); "
-            "it is corrupt, truncated, or not a PyTorch file. Delete it to start afresh."
-        ) from error
+            f"{path} could not be read as a checkpoint ({type(error).__name__}: "
+            f"{_one_line(error)}); it is corrupt, truncated, or not a PyTorch file. "
+            "Delete it to start afresh.") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a bnn_course training checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, "
                               f"this bnn_course reads version {CHECKPOINT_VERSION}")
+    missing = [name for name in CHECKPOINT_FIELDS if name not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the checkpoint fields {missing}; it was not "
+                              "written by bnn_course.train.train (or was edited). Delete it "
+                              "to start afresh.")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} has no configuration dict")
+    state["config"] = dataclasses.asdict(config_from_dict(state["config"], path))
     return state
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    current = dataclasses.asdict(config)
-    saved_config = dict(saved)
-    saved_config["channels"] = tuple(saved_config.get("channels", ()))
-    differences = [f"{key}: checkpoint {saved_config.get(key)!r}, now {value!r}"
-                   for key, value in current.items()
-                   if key not in _RESUME_FREE_FIELDS and saved_config.get(key) != value]
-    if differences:
-        raise CheckpointError(
-            f"{path} belongs to a different run; resuming needs the same configuration. "
-            "Differences: " + "; ".join(differences))
 
 
 def _restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise CheckpointError(f"{path} holds weights of another architecture: {error}") from error
+        raise CheckpointError(f"{path} holds weights of another architecture: "
+                              f"{_one_line(error)}") from error
 
 
 # ---------------------------------------------------------------------- training
@@ -269,6 +371,34 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Run:
+    """The state of one training run: what :func:`train`'s parts share."""
+
+    config: TrainConfig
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    generator: torch.Generator
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    data_source: str
+    identity: dict[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.shape[0])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_train / self.config.batch_size)
+
+
 def _progress_bar(total: int, description: str, enabled: bool):
     if not enabled:
         return None
@@ -280,14 +410,221 @@ def _progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
 
 
+LIKELY_CAUSES = (
+    "Likely causes: a learning rate too high for this model; posterior sigmas initialised "
+    "too large (init_log_sigma near 0 or above makes exp() blow up); an unscaled KL term "
+    "(kl_scaling='unscaled') dominating the loss; overflow in reduced precision (try "
+    "amp=False); or NaN/inf values in the input data.")
+
+
 def _diverged_message(epoch: int, step: int, nll: float, kl: float) -> str:
-    return (
-        f"training diverged at epoch {epoch}, around step {step}: NLL={nll}, KL={kl}. "
-        "Likely causes: a learning rate too high for this model; posterior sigmas "
-        "initialised too large (init_log_sigma near 0 or above makes exp() blow up); an "
-        "unscaled KL term (kl_scaling='none') dominating the loss; overflow in reduced "
-        "precision (try amp=False); or NaN/inf values in the input data."
-    )
+    return (f"training diverged at epoch {epoch}, around step {step}: NLL={nll}, KL={kl}. "
+            + LIKELY_CAUSES)
+
+
+def training_set(config: TrainConfig, data: CIFAR10Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels ``config`` trains on: all of ``data``'s training set, or its
+    stratified ``train_subset``."""
+    if config.train_subset is None:
+        return data.train_images, data.train_labels
+    return stratified_subset(data.train_images, data.train_labels, config.train_subset)
+
+
+def run_data_identity(config: TrainConfig, data: CIFAR10Data) -> dict[str, Any]:
+    """:func:`bnn_course.run_folder.data_identity` of the sets a run of ``config`` on
+    ``data`` uses (the training subset, the test set); stored in every checkpoint."""
+    return data_identity(data.source, *training_set(config, data), data.test_images,
+                         data.test_labels)
+
+
+def data_differences(state: dict[str, Any], identity: dict[str, Any],
+                     parts: Sequence[str] = ("train", "test")) -> list[str]:
+    """How the data ``identity`` (:func:`run_data_identity`) differs from a checkpoint's
+    ``state``, in words, comparing ``parts`` (``("train",)``: the training set only). A
+    checkpoint written before ``data_identity`` was stored is compared by its source only."""
+    if "data_identity" not in state:
+        return identity_differences({"source": state.get("data_source")}, identity, ())
+    return identity_differences(state["data_identity"], identity, parts)
+
+
+def _setup(config: TrainConfig, data: CIFAR10Data, device: torch.device) -> _Run:
+    """Seed, put the (sub)sets on ``device``, build the model and the optimizer."""
+    generator = seed_everything(config.seed)
+    train_images, train_labels = training_set(config, data)
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+    model = build_model(config, len(data.classes)).to(device)
+    return _Run(config=config, device=device, autocast_dtype=autocast_dtype(device, config.amp),
+                generator=generator, train_images=train_images, train_labels=train_labels,
+                test_images=test_images, test_labels=test_labels, data_source=data.source,
+                identity=data_identity(data.source, train_images, train_labels, test_images,
+                                       test_labels),
+                model=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr))
+
+
+def _restore(run: _Run, path: Path) -> None:
+    """Continue ``run`` from the checkpoint at ``path``: same configuration (up to
+    ``device``, ``compile``, ``progress``, ``log_interval``) and the same data required."""
+    state = load_checkpoint(path)
+    differences = config_differences(state["config"], dataclasses.asdict(run.config),
+                                     ignore=RESUME_FREE_FIELDS)
+    if differences:
+        raise CheckpointError(f"{path} belongs to a different run; resuming needs the same "
+                              "configuration. Differences: " + "; ".join(differences))
+    differences = data_differences(state, run.identity, ("train", "test"))
+    if differences:
+        raise CheckpointError(f"{path} was trained on other data; resuming needs the same "
+                              "data (training and test sets). Differences: "
+                              + "; ".join(differences) + ". Use another output folder.")
+    _restore_model(run.model, state["model"], path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.history = list(state["history"])
+    run.start_epoch = int(state["epoch"])
+    run.generator.set_state(state["rng"]["shuffle"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+
+
+def _kl_term(run: _Run, kl: torch.Tensor, warmup: float) -> torch.Tensor:
+    """The KL part of the loss, :func:`~bnn_course.elbo.negative_elbo` with a zero NLL."""
+    return negative_elbo(0.0, kl.detach(), run.num_train, kl_scaling=run.config.kl_scaling,
+                         kl_weight=run.config.kl_weight * warmup)
+
+
+def _train_one_epoch(run: _Run, forward: nn.Module, epoch: int) -> dict[str, Any]:
+    """One pass over the shuffled training set: the epoch's training part of its record."""
+    config, device = run.config, run.device
+    steps_per_epoch, num_train = run.steps_per_epoch, run.num_train
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
+    run.model.train()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, correct, loss
+    kl_value, warmup = torch.zeros((), device=device), 1.0
+    step_log: list[dict[str, float]] = []
+    bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    batches = iterate_batches(run.train_images, run.train_labels, config.batch_size,
+                              shuffle=True, generator=run.generator, augment=config.augment)
+    try:
+        for index, (x, y) in enumerate(batches):
+            step = epoch * steps_per_epoch + index
+            for group in run.optimizer.param_groups:
+                group["lr"] = learning_rate(config, step, total_steps)
+            warmup = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+            with torch.autocast(device.type, dtype=run.autocast_dtype or torch.bfloat16,
+                                enabled=run.autocast_dtype is not None):
+                log_probs = forward(x, sample=True)
+            nll = F.nll_loss(log_probs.float(), y)
+            kl_value = run.model.kl_divergence()
+            loss = negative_elbo(nll, kl_value, num_train, kl_scaling=config.kl_scaling,
+                                 kl_weight=config.kl_weight * warmup)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            with torch.no_grad():
+                sums += torch.stack([nll.detach().double() * y.shape[0],
+                                     (log_probs.argmax(-1) == y).sum().double(),
+                                     loss.detach().double()])
+            # One device sync every log_interval steps: check finiteness, log the two loss
+            # terms of this step, refresh the bar.
+            if (index + 1) % config.log_interval == 0 or index == steps_per_epoch - 1:
+                summary = sums.tolist()
+                step_log.append({"step": step + 1, "nll": nll.item(), "kl": kl_value.item(),
+                                 "kl_term": _kl_term(run, kl_value, warmup).item()})
+                if not math.isfinite(summary[2]):
+                    raise TrainingDiverged(_diverged_message(
+                        epoch + 1, step + 1, nll.item(), kl_value.item()))
+                if bar is not None:
+                    seen = min((index + 1) * config.batch_size, num_train)
+                    bar.set_postfix(nll=f"{summary[0] / seen:.3f}",
+                                    kl=f"{kl_value.item():.3g}", acc=f"{summary[1] / seen:.3f}")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    nll_sum, correct, _ = sums.tolist()
+    return {
+        "epoch": epoch + 1,
+        "nll": nll_sum / num_train,
+        "kl": kl_value.item(),
+        "kl_term": _kl_term(run, kl_value, warmup).item(),
+        "train_accuracy": correct / num_train,
+        "images_per_second": num_train / seconds,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "steps": step_log,
+    }
+
+
+def _evaluate_epoch(run: _Run) -> dict[str, Any]:
+    """The test part of an epoch's record (``epoch_eval_samples`` samples) and the sigmas."""
+    test = evaluate(run.model, run.test_images, run.test_labels,
+                    run.config.epoch_eval_samples, autocast_dtype=run.autocast_dtype)
+    return {
+        "test_accuracy_mean": test["accuracy_mean"],
+        "test_nll_mean": test["nll_mean"],
+        "test_accuracy_mc": test.get("accuracy_mc", test["accuracy_mean"]),
+        "test_nll_mc": test.get("nll_mc", test["nll_mean"]),
+        "test_entropy_mc": test.get("entropy_mc", test["entropy_mean"]),
+        "sigma": mean_sigma_per_layer(run.model),
+    }
+
+
+def _check_finite(run: _Run, record: dict[str, Any]) -> None:
+    """:class:`TrainingDiverged` if a weight or a number of ``record`` is NaN or infinite:
+    such a state is never checkpointed (the previous epoch's checkpoint stays)."""
+    numbers = {key: value for key, value in record.items() if isinstance(value, float)}
+    numbers.update({f"sigma/{name}": value for name, value in record["sigma"].items()})
+    problems = [key for key, value in numbers.items() if not math.isfinite(value)]
+    weights = {name: tensor for name, tensor in run.model.state_dict().items()
+               if tensor.is_floating_point()}
+    with torch.no_grad():  # one device sync for all tensors
+        finite = torch.stack([torch.isfinite(t).all() for t in weights.values()]).tolist()
+    bad_weights = [name for name, ok in zip(weights, finite, strict=True) if not ok]
+    if not problems and not bad_weights:
+        return
+    epoch = record["epoch"]
+    found = []
+    if problems:
+        found.append(f"metrics {problems}")
+    if bad_weights:
+        found.append(f"weights {bad_weights[:5]}" + (" ..." if len(bad_weights) > 5 else ""))
+    kept = f" (the checkpoint of epoch {epoch - 1} stays)" if epoch > 1 else ""
+    raise TrainingDiverged(f"training diverged in epoch {epoch}: non-finite "
+                           f"{'; '.join(found)}. Nothing of epoch {epoch} was saved{kept}. "
+                           + LIKELY_CAUSES)
+
+
+def _checkpoint_state(run: _Run, epoch: int) -> dict[str, Any]:
+    """Everything :func:`_restore` needs to continue after ``epoch``."""
+    device = run.device
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": dataclasses.asdict(run.config),
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "history": run.history,
+        "rng": {"shuffle": run.generator.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "data_source": run.data_source,
+        "data_identity": run.identity,
+    }
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {record['epoch']:3d}/{epochs}  nll {record['nll']:.4f}  "
+            f"kl/N {record['kl_term']:.4f}  train acc {record['train_accuracy']:.3f}  "
+            f"test acc {record['test_accuracy_mean']:.3f} (mean) "
+            f"{record['test_accuracy_mc']:.3f} (MC)  {record['images_per_second']:.0f} img/s")
 
 
 def train(
@@ -297,6 +634,7 @@ def train(
     resume: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``build_model(config)`` on ``data`` and evaluate it on the test set.
 
@@ -309,12 +647,18 @@ def train(
         training device here if they are not there yet.
     out_dir:
         Where ``checkpoint.pt`` is written after every epoch (``None``: no checkpoints).
+        Temporary files of interrupted writes there are removed first. A folder that
+        already holds a run (``checkpoint.pt`` or ``metrics.json``) is refused
+        (:class:`~bnn_course.run_folder.RunFolderError`) unless ``resume`` or ``overwrite``.
     resume:
-        Continue from ``out_dir/checkpoint.pt`` if it exists (same configuration required).
+        Continue from ``out_dir/checkpoint.pt`` if it exists (same configuration and the
+        same training and test data required, else :class:`CheckpointError`).
     on_epoch_end:
         Called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
     log:
         Receives one line per epoch (``print`` by default; pass ``lambda s: None`` to mute).
+    overwrite:
+        Delete a run found in ``out_dir`` and start afresh.
 
     Returns
     -------
@@ -328,148 +672,40 @@ def train(
         ``seconds``, and ``steps``: the NLL, KL and KL term of every ``log_interval``-th
         step (the batch's values, for the loss decomposition). ``final`` is
         :func:`~bnn_course.evaluation.evaluate` with ``eval_samples`` samples.
+
+    Raises
+    ------
+    TrainingDiverged
+        When the loss, a weight or a metric becomes NaN or infinite (no checkpoint of that
+        epoch is written).
     """
     device = select_device(config.device)
-    generator = seed_everything(config.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast_dtype = torch.bfloat16 if (config.amp and device.type == "cuda") else None
-
-    train_images, train_labels = data.train_images, data.train_labels
-    if config.train_subset is not None:
-        train_images, train_labels = stratified_subset(train_images, train_labels,
-                                                       config.train_subset)
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
-    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
-    num_train = train_images.shape[0]
-    steps_per_epoch = math.ceil(num_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
-
-    model = build_model(config, len(data.classes)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        _check_resumable(state["config"], config, checkpoint_path)
-        if state.get("data_source") != data.source:
-            raise CheckpointError(
-                f"{checkpoint_path} was trained on {state.get('data_source')!r}, not on "
-                f"{data.source!r}; resuming needs the same data. Use another output folder.")
-        _restore_model(model, state["model"], checkpoint_path)
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        generator.set_state(state["rng"]["shuffle"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
-
-    forward = torch.compile(model) if config.compile else model
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # nll, correct, loss
-        kl_value = torch.zeros((), device=device)
-        kl_scaled = torch.zeros((), device=device)
-        step_log: list[dict[str, float]] = []
-        bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
-                            config.progress)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        batches = iterate_batches(train_images, train_labels, config.batch_size, shuffle=True,
-                                  generator=generator, augment=config.augment)
-        for index, (x, y) in enumerate(batches):
-            step = epoch * steps_per_epoch + index
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step, total_steps)
-            warmup = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
-                log_probs = forward(x, sample=True)
-            nll = F.nll_loss(log_probs.float(), y)
-            kl_value = model.kl_divergence()
-            kl_scaled = kl_term(kl_value, config, num_train, warmup)
-            loss = nll + kl_scaled
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                sums += torch.stack([nll.detach().double() * y.shape[0],
-                                     (log_probs.argmax(-1) == y).sum().double(),
-                                     loss.detach().double()])
-            # One device sync every log_interval steps: check finiteness, log the two loss
-            # terms of this step, refresh the bar.
-            if (index + 1) % config.log_interval == 0 or index == steps_per_epoch - 1:
-                summary = sums.tolist()
-                step_log.append({"step": step + 1, "nll": nll.item(), "kl": kl_value.item(),
-                                 "kl_term": kl_scaled.item()})
-                if not math.isfinite(summary[2]):
-                    if bar is not None:
-                        bar.close()
-                    raise TrainingDiverged(_diverged_message(
-                        epoch + 1, step + 1, nll.item(), kl_value.item()))
-                if bar is not None:
-                    seen = min((index + 1) * config.batch_size, num_train)
-                    bar.set_postfix(nll=f"{summary[0] / seen:.3f}", kl=f"{kl_value.item():.3g}",
-                                    acc=f"{summary[1] / seen:.3f}")
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        nll_sum, correct, _ = sums.tolist()
-        test = evaluate(model, test_images, test_labels, config.epoch_eval_samples,
-                        autocast_dtype=autocast_dtype)
-        record = {
-            "epoch": epoch + 1,
-            "nll": nll_sum / num_train,
-            "kl": kl_value.item(),
-            "kl_term": kl_scaled.item(),
-            "train_accuracy": correct / num_train,
-            "test_accuracy_mean": test["accuracy_mean"],
-            "test_nll_mean": test["nll_mean"],
-            "test_accuracy_mc": test.get("accuracy_mc", test["accuracy_mean"]),
-            "test_nll_mc": test.get("nll_mc", test["nll_mean"]),
-            "test_entropy_mc": test.get("entropy_mc", test["entropy_mean"]),
-            "sigma": mean_sigma_per_layer(model),
-            "images_per_second": num_train / seconds,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
-            "steps": step_log,
-        }
-        history.append(record)
-        log(f"epoch {epoch + 1:3d}/{config.epochs}  nll {record['nll']:.4f}  "
-            f"kl/N {record['kl_term']:.4f}  train acc {record['train_accuracy']:.3f}  "
-            f"test acc {record['test_accuracy_mean']:.3f} (mean) "
-            f"{record['test_accuracy_mc']:.3f} (MC)  {record['images_per_second']:.0f} img/s")
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "config": dataclasses.asdict(config),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-                "rng": {"shuffle": generator.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device)
-                        if device.type == "cuda" else None},
-                "data_source": data.source,
-            })
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-
-    final = evaluate(model, test_images, test_labels, config.eval_samples,
-                     autocast_dtype=autocast_dtype)
-    return TrainResult(model=model, history=history, final=final, config=config,
+    folder = Path(out_dir) if out_dir is not None else None
+    if folder is not None:
+        prepare_run_folder(folder, (CHECKPOINT_NAME, METRICS_NAME), resume=resume,
+                           overwrite=overwrite)
+    checkpoint_path = folder / CHECKPOINT_NAME if folder is not None else None
+    with fast_matmul(device):
+        run = _setup(config, data, device)
+        if resume and checkpoint_path is not None and checkpoint_path.exists():
+            _restore(run, checkpoint_path)
+            log(f"resumed from {checkpoint_path} after epoch {run.start_epoch}")
+        if folder is not None and run.start_epoch < config.epochs:
+            (folder / METRICS_NAME).unlink(missing_ok=True)  # it would describe an older state
+        forward = torch.compile(run.model) if config.compile else run.model
+        for epoch in range(run.start_epoch, config.epochs):
+            record = _train_one_epoch(run, forward, epoch)
+            record.update(_evaluate_epoch(run))
+            _check_finite(run, record)
+            run.history.append(record)
+            log(_epoch_line(record, config.epochs))
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, _checkpoint_state(run, epoch + 1))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+        final = evaluate(run.model, run.test_images, run.test_labels, config.eval_samples,
+                         autocast_dtype=run.autocast_dtype)
+    return TrainResult(model=run.model, history=run.history, final=final, config=config,
                        data_source=data.source, device=device_description(device))
 
 
@@ -477,22 +713,116 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn
     """Rebuild the model stored in a checkpoint; returns ``(model, checkpoint_state)``."""
     path = Path(path)
     state = load_checkpoint(path)
-    config = TrainConfig(**{**state["config"], "channels": tuple(state["config"]["channels"])})
-    model = build_model(config)
+    model = build_model(config_from_dict(state["config"], path))
     _restore_model(model, state["model"], path)
     return model.to(device).eval(), state
 
 
 # ---------------------------------------------------------------------- command line
 
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, OSError, CheckpointError, TrainingDiverged, RunFolderError)
+"""Failures a command line reports as one ``error: ...`` line (a bad value, a missing file
+or folder, a foreign checkpoint, a divergence, an occupied output folder)."""
 
-def _git_commit() -> str | None:
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, ``error: ...``, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in text.split(",")]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 32,64,128, got {text!r}")
+    return values
+
+
+def _optional_int(text: str) -> int | None:
+    if text.strip().lower() in ("none", "all"):
         return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def add_config_arguments(parser: argparse._ActionsContainer,
+                         defaults: TrainConfig | None = None,
+                         exclude: Sequence[str] = ()) -> list[str]:
+    """Add one flag per :class:`TrainConfig` field (not in ``exclude``) to ``parser`` (a
+    parser or an argument group).
+
+    ``kl_weight`` becomes ``--kl-weight``, with the field's help text and ``choices``;
+    a yes/no field ``augment`` becomes ``--augment`` / ``--no-augment``; ``channels`` takes
+    ``32,64,128``. The destination of each flag is the field's name. Returns those names.
+    """
+    defaults = TrainConfig() if defaults is None else defaults
+    hints = typing.get_type_hints(TrainConfig)
+    names = []
+    for item in dataclasses.fields(TrainConfig):
+        if item.name in exclude:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        kind = hints[item.name]
+        default = getattr(defaults, item.name)
+        shown = ("none" if default is None else ",".join(str(v) for v in default)
+                 if isinstance(default, tuple) else "%(default)s")
+        options: dict[str, Any] = {"dest": item.name, "default": default,
+                                   "help": f"{item.metadata['help']} (default: {shown})"}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind == tuple[int, ...]:
+            options.update(type=_int_tuple, metavar="C1,C2,...")
+        elif kind == int | None:
+            options.update(type=_optional_int, metavar="N")
+        else:
+            options["type"] = kind
+            if "choices" in item.metadata:
+                options["choices"] = item.metadata["choices"]
+        parser.add_argument(flag, **options)
+        names.append(item.name)
+    return names
+
+
+def config_from_arguments(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed flags (those :func:`add_config_arguments` added),
+    with ``overrides`` on top."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if hasattr(args, f.name)}
+    return TrainConfig(**{**values, **overrides})
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """``--debug`` among ``argv``, or ``BNN_COURSE_DEBUG`` set to a true word."""
+    if "--debug" in argv:
+        return True
+    try:
+        return run_config.env_flag(run_config.DEBUG_ENV)
+    except ValueError:
+        return False
+
+
+def run_command_line(body: Callable[[list[str]], Any], argv: Sequence[str] | None) -> Any:
+    """Run ``body(argv)``; turn an expected failure (:data:`EXPECTED_ERRORS`) into one line
+    ``error: ...`` on stderr and exit status 1, unless :func:`debug_requested`, which lets
+    the exception (and its traceback) through."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return body(arguments)
+    except EXPECTED_ERRORS as error:
+        if debug_requested(arguments):
+            raise
+        print(f"error: {_one_line(error)} (--debug or {run_config.DEBUG_ENV}=1 shows the "
+              "traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def metrics_document(result: TrainResult, data: CIFAR10Data, smoke: bool) -> dict[str, Any]:
@@ -509,24 +839,19 @@ def metrics_document(result: TrainResult, data: CIFAR10Data, smoke: bool) -> dic
         "history": result.history,
         "config": dataclasses.asdict(result.config),
         "provenance": {
-            "mode": "smoke" if smoke else "full",
-            "device": result.device,
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "bnn_course": __version__,
-            "data_source": data.source,
+            **provenance(result.device, smoke=smoke, data_source=data.source),
             "data_is_jpeg_copy": data.is_jpeg,
             "data_is_synthetic": data.is_synthetic,
             "num_train": result.config.train_subset or int(data.train_labels.shape[0]),
             "num_test": int(data.test_labels.shape[0]),
-            "git_commit": _git_commit(),
         },
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
+    """The parser of ``python -m bnn_course.train``: one flag per :class:`TrainConfig`
+    field (:func:`add_config_arguments`) and the run's own flags."""
+    parser = CommandLineParser(
         prog="python -m bnn_course.train",
         description="Train the BayesianCNN (or its deterministic twin) on CIFAR-10 with the "
                     "per-example ELBO; writes OUT/metrics.json and OUT/checkpoint.pt.")
@@ -540,88 +865,59 @@ def build_parser() -> argparse.ArgumentParser:
              "test/); default: $BNN_COURSE_DATA, else ~/.cache/bnn_course/data (downloaded "
              "there when missing)")
     add("--out", default="runs/cifar10", help="output folder (default: %(default)s)")
-    add("--model", choices=MODELS, default=defaults.model, help="default: %(default)s")
-    add("--dropout", type=float, default=defaults.dropout,
-        help="dropout probability of --model mc_dropout (default: %(default)s)")
-    add("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
-    add("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    add("--lr", type=float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
-    add("--schedule", choices=SCHEDULES, default=defaults.schedule,
-        help="learning-rate schedule (default: %(default)s)")
-    add("--kl-weight", type=float, default=defaults.kl_weight,
-        help="beta, the weight of the KL term (default: %(default)s)")
-    add("--kl-scaling", choices=KL_SCALINGS, default=defaults.kl_scaling,
-        help="per_example divides the KL by N (the ELBO per example); none adds it "
-             "unscaled (default: %(default)s)")
-    add("--kl-warmup-epochs", type=float, default=defaults.kl_warmup_epochs,
-        help="epochs over which the KL weight grows linearly from 0 (default: %(default)s)")
-    add("--init-log-sigma", type=float, default=defaults.init_log_sigma,
-        help="initial log standard deviation of every weight (default: %(default)s)")
-    add("--prior-sigma", type=float, default=defaults.prior_sigma,
-        help="standard deviation of the N(0, s^2) prior (default: %(default)s)")
-    add("--parametrization", choices=("log", "softplus"), default=defaults.parametrization,
-        help="sigma = exp(log_sigma) or softplus(rho) (default: %(default)s)")
-    add("--log-interval", type=int, default=defaults.log_interval,
-        help="log the loss terms (and check they are finite) every this many steps "
-             "(default: %(default)s)")
-    add("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
-        default=defaults.channels, metavar="C1,C2,...",
-        help="output channels of the convolution blocks (default: 32,64,128)")
-    add("--hidden-features", type=int, default=defaults.hidden_features,
-        help="width of the hidden dense layer (default: %(default)s)")
-    add("--train-subset", type=int, default=None, metavar="N",
-        help="train on the first N training images, N/10 per class")
-    add("--test-subset", type=int, default=None, metavar="N",
+    add("--test-subset", type=_optional_int, default=None, metavar="N",
         help="evaluate on the first N test images, N/10 per class (default: all)")
-    add("--no-augment", action="store_true", help="no random crops and flips")
-    add("--eval-samples", type=int, default=defaults.eval_samples,
-        help="posterior samples for the final MC evaluation (default: %(default)s)")
-    add("--epoch-eval-samples", type=int, default=defaults.epoch_eval_samples,
-        help="posterior samples for the per-epoch evaluation (default: %(default)s)")
-    add("--device", default=defaults.device,
-        help="auto (CUDA, MPS, CPU), cuda, cuda:1, mps or cpu (default: %(default)s)")
-    add("--seed", type=int, default=defaults.seed, help="default: %(default)s")
-    add("--no-amp", action="store_true", help="no bfloat16 autocast on CUDA")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--no-progress", action="store_true", help="no progress bars")
     add("--resume", action="store_true",
-        help="continue the run in OUT from its checkpoint (same settings required)")
+        help="continue the run in OUT from its checkpoint (same settings and data required)")
+    add("--overwrite", action="store_true",
+        help="replace a run found in OUT (without it, and without --resume, an occupied "
+             "OUT is an error)")
     add("--smoke", action="store_true",
-        help="smoke mode: a small subset of CIFAR-10 (or, without any copy, a synthetic "
-             "stand-in), for checking that everything runs")
+        help="smoke mode (also selected by BNN_COURSE_SMOKE=1): a small subset of CIFAR-10 "
+             "(or, without any copy, a synthetic stand-in), for checking that everything runs")
+    add("--debug", action="store_true", help="show the full traceback of an error")
+    add_config_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``python -m bnn_course.train``; returns the metrics document."""
+def _main(argv: list[str]) -> dict[str, Any]:
     parser = build_parser()
     recipe, _ = parser.parse_known_args(argv)
     parser.set_defaults(**RECIPES[recipe.recipe])
     args = parser.parse_args(argv)
-    # Flags named like TrainConfig fields map onto them; the negated switches are explicit.
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if hasattr(args, f.name)}
-    config = TrainConfig(**given, augment=not args.no_augment, amp=not args.no_amp,
-                         progress=not args.no_progress)
-    smoke = bool(args.smoke)
-    data = load_cifar10(args.data, smoke=smoke)
+    config = config_from_arguments(args)
+    smoke = bool(args.smoke) or run_config.is_smoke()
+    # Before the data are loaded, so that these fail fast: a bad device, an occupied folder.
+    select_device(config.device)
+    if not (args.resume or args.overwrite):
+        prepare_run_folder(args.out, (CHECKPOINT_NAME, METRICS_NAME), resume=False,
+                           overwrite=False)
+    data = load_cifar10(args.data, smoke=smoke, device="cpu")
     if args.test_subset is not None:
         test_images, test_labels = stratified_subset(data.test_images, data.test_labels,
                                                      args.test_subset)
         data = dataclasses.replace(data, test_images=test_images, test_labels=test_labels)
-    result = train(config, data, out_dir=args.out, resume=args.resume)
+    result = train(config, data, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     document = metrics_document(result, data, smoke)
     document["recipe"] = args.recipe
+    document["test_subset"] = args.test_subset
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / (METRICS_NAME + ".tmp")
-    temporary.write_text(json.dumps(document, indent=2))
-    os.replace(temporary, out / METRICS_NAME)
+    atomic_write_text(out / METRICS_NAME, json.dumps(document, indent=2))
     final = document["final"]
-    print(f"test accuracy {final['test_accuracy_mean']:.4f} (posterior means), "
-          f"{final['test_accuracy_mc']:.4f} (MC, {config.eval_samples} samples); "
+    mc = ("no MC evaluation (--eval-samples 0)" if final["test_accuracy_mc"] is None
+          else f"{final['test_accuracy_mc']:.4f} (MC, {config.eval_samples} samples)")
+    print(f"test accuracy {final['test_accuracy_mean']:.4f} (posterior means), {mc}; "
           f"data: {data.source}; device: {result.device}; wrote {out / METRICS_NAME}")
     return document
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``python -m bnn_course.train``; returns the metrics document.
+
+    An expected failure is one line ``error: ...`` on stderr and ``SystemExit(1)`` (bad
+    flags: ``SystemExit(2)``); ``--debug`` or ``BNN_COURSE_DEBUG=1`` shows the traceback.
+    """
+    return run_command_line(_main, argv)
 
 
 if __name__ == "__main__":

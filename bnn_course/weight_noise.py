@@ -14,7 +14,9 @@ independent Gaussian weights,
 For a stack of layers with an activation in between, the noise of layer :math:`l` also
 contains the noise its input inherited from the layers below.
 
-:func:`signal_to_noise_by_layer` measures, for every layer :math:`l`,
+:func:`signal_to_noise_by_layer` measures, for every layer :math:`l`
+(with :func:`noise_statistics`, which :func:`bnn_course.diagnostics.activation_scales` uses
+too),
 
 .. math::
 
@@ -76,6 +78,65 @@ def pre_activations(
 
 
 @torch.no_grad()
+def noise_statistics(
+    run: Callable[[bool], Sequence[torch.Tensor]], num_samples: int
+) -> list[dict[str, float]]:
+    r"""Signal and sampling noise of each of a network's pre-activations, from repeated passes.
+
+    ``run(False)`` returns the posterior-mean pre-activations :math:`[\bar h_1, \ldots,
+    \bar h_L]` of one pass and ``run(True)`` those of one stochastic pass (fresh weights in
+    every layer); each :math:`h_l` is a tensor (N, ...) of the same shape in every pass.
+    Over :math:`S` = ``num_samples`` stochastic passes, with deviations
+    :math:`d^{(s)} = h^{(s)} - \bar h` accumulated in float64 (centred on the mean
+    network, so that tiny noise next to a large signal is not lost to cancellation),
+
+    .. math::
+
+        \text{signal}_l = \sqrt{\operatorname{mean}_{n,j} \bar h_{l,nj}^2}, \qquad
+        \text{noise}_l = \sqrt{\operatorname{mean}_{n,j}
+            \widehat{\operatorname{Var}}_s\big[h^{(s)}_{l,nj}\big]},
+
+    with the unbiased variance :math:`\widehat{\operatorname{Var}}_s` over the passes,
+    and :math:`\mathrm{SNR}_l = \text{signal}_l / \text{noise}_l`.
+
+    Returns
+    -------
+    list of dict
+        One per pre-activation, in ``run``'s order: ``signal_rms``, ``noise_rms``,
+        ``signal_to_noise`` (``inf`` where there is no noise at all) and ``sampled_rms``
+        (the root-mean-square of the sampled pre-activations themselves,
+        :math:`\sqrt{\operatorname{mean}_{s,n,j} (h^{(s)}_{l,nj})^2}`).
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+    means = [h.detach().double() for h in run(False)]
+    sums = [torch.zeros_like(m) for m in means]
+    sums_of_squares = [torch.zeros_like(m) for m in means]
+    for _ in range(num_samples):
+        sampled = run(True)
+        if len(sampled) != len(means):
+            raise ValueError(f"a stochastic pass gave {len(sampled)} pre-activations, the "
+                             f"posterior-mean pass {len(means)}")
+        for index, h in enumerate(sampled):
+            deviation = h.detach().double() - means[index]
+            sums[index] += deviation
+            sums_of_squares[index] += deviation**2
+    statistics = []
+    for mean, total, total_sq in zip(means, sums, sums_of_squares, strict=True):
+        variance = (total_sq - total**2 / num_samples) / (num_samples - 1)
+        signal = mean.pow(2).mean().sqrt().item()
+        noise = variance.clamp_min(0).mean().sqrt().item()
+        # mean_s h_s^2 = hbar^2 + 2 hbar mean_s(d_s) + mean_s(d_s^2), d_s = h_s - hbar
+        sampled_sq = mean**2 + 2 * mean * total / num_samples + total_sq / num_samples
+        statistics.append({
+            "signal_rms": signal,
+            "noise_rms": noise,
+            "signal_to_noise": signal / noise if noise > 0 else float("inf"),
+            "sampled_rms": sampled_sq.mean().sqrt().item(),
+        })
+    return statistics
+
+
 def signal_to_noise_by_layer(
     layers: Sequence[nn.Module],
     x: torch.Tensor,
@@ -84,11 +145,9 @@ def signal_to_noise_by_layer(
 ) -> list[float]:
     r"""Per-layer ratio of posterior-mean signal to sampling noise, :math:`\mathrm{SNR}_l`.
 
-    See the module docstring for the definition. The variance across passes is the unbiased
-    sample variance over ``num_samples`` independent stochastic passes of the whole stack
-    (each pass calls every layer once, so every layer draws fresh weights). It is
-    accumulated in float64, centred on the posterior-mean pre-activation, so that tiny
-    noise next to a large signal is not lost to cancellation.
+    See the module docstring for the definition; computed by :func:`noise_statistics` from
+    ``num_samples`` independent stochastic passes of the whole stack (each pass calls every
+    layer once, so every layer draws fresh weights).
 
     Parameters
     ----------
@@ -105,23 +164,10 @@ def signal_to_noise_by_layer(
         :math:`[\mathrm{SNR}_1, \ldots, \mathrm{SNR}_L]`. ``inf`` where a layer has no noise
         at all.
     """
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-    means = [h.double() for h in pre_activations(layers, x, sample=False, activation=activation)]
-    sums = [torch.zeros_like(m) for m in means]
-    sums_of_squares = [torch.zeros_like(m) for m in means]
-    for _ in range(num_samples):
-        for index, h in enumerate(pre_activations(layers, x, sample=True, activation=activation)):
-            deviation = h.double() - means[index]
-            sums[index] += deviation
-            sums_of_squares[index] += deviation**2
-    ratios = []
-    for mean, total, total_sq in zip(means, sums, sums_of_squares, strict=True):
-        variance = (total_sq - total**2 / num_samples) / (num_samples - 1)
-        signal = mean.pow(2).mean().sqrt().item()
-        noise = variance.clamp_min(0).mean().sqrt().item()
-        ratios.append(signal / noise if noise > 0 else float("inf"))
-    return ratios
+    statistics = noise_statistics(
+        lambda sample: pre_activations(layers, x, sample=sample, activation=activation),
+        num_samples)
+    return [layer["signal_to_noise"] for layer in statistics]
 
 
 @torch.no_grad()

@@ -70,3 +70,13 @@ def test_seed_everything_repeats_every_generator() -> None:
 def test_bad_seed_is_an_error(seed) -> None:
     with pytest.raises(ValueError, match="seed"):
         seed_everything(seed)
+
+
+def test_env_flag_reads_yes_and_no_words(monkeypatch) -> None:
+    monkeypatch.delenv(config.DEBUG_ENV, raising=False)
+    assert config.env_flag(config.DEBUG_ENV) is False
+    monkeypatch.setenv(config.DEBUG_ENV, "Yes")
+    assert config.env_flag(config.DEBUG_ENV) is True
+    monkeypatch.setenv(config.DEBUG_ENV, "perhaps")
+    with pytest.raises(ValueError, match=f"{config.DEBUG_ENV}='perhaps' is not understood"):
+        config.env_flag(config.DEBUG_ENV)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from bnn_course.conv_noise import (
     ESTIMATORS,
+    conv2d_local_reparameterization,
     kernel_noise_covariance,
     noise_correlation,
     sample_conv_outputs,
@@ -162,6 +163,7 @@ def test_each_estimator_shares_a_kernel_within_an_image_or_not() -> None:
     assert residuals["shared"] < 1e-5
     assert residuals["independent"] < 1e-5
     assert residuals["per_pixel"] > 0.8
+    assert residuals["lrt"] > 0.8
 
 
 def test_shared_estimator_gives_identical_images_identical_outputs_flipout_does_not() -> None:
@@ -174,14 +176,14 @@ def test_shared_estimator_gives_identical_images_identical_outputs_flipout_does_
     assert (flipout[:, 0] - flipout[:, 1]).abs().max().item() > 1e-3
 
 
-def test_flipout_and_per_pixel_have_the_same_mean_and_variance() -> None:
+def test_flipout_per_pixel_and_lrt_have_the_same_mean_and_variance() -> None:
     layer = _layer()
     torch.manual_seed(10)
     x = torch.rand(2, 2, 6, 6)
     num_samples = 2000
     mean_output = layer(x, sample=False).detach()
     variance = F.conv2d(x**2, layer.weight_sigma**2, layer.bias_sigma**2).detach()
-    for estimator in ("flipout", "per_pixel"):
+    for estimator in ("flipout", "per_pixel", "lrt"):
         samples = sample_conv_outputs(layer, x, num_samples, estimator)
         mean_error = (samples.mean(0) - mean_output) / (variance / num_samples).sqrt()
         assert mean_error.abs().max().item() < 5
@@ -200,4 +202,33 @@ def test_per_pixel_noise_is_uncorrelated_between_positions_flipout_is_not() -> N
     torch.testing.assert_close(noise_correlation(flipout, (1, 1)), torch.ones(3, 3))
     corr = noise_correlation(per_pixel, (1, 1)).flatten()
     off = torch.cat([corr[:4], corr[5:]])
+    assert off.abs().max().item() < 5 / math.sqrt(num_samples)
+
+
+def test_local_reparameterization_is_mean_plus_scaled_noise_per_position() -> None:
+    layer = _layer()
+    x = torch.randn(2, 2, 7, 7)
+    args = (layer.weight_mu, layer.weight_sigma, layer.bias_mu, layer.bias_sigma)
+    torch.manual_seed(12)
+    y = conv2d_local_reparameterization(x, *args, stride=2, padding=1)
+    torch.manual_seed(12)
+    zeta = torch.randn(2, 3, 4, 4)
+    mean = F.conv2d(x, layer.weight_mu, layer.bias_mu, stride=2, padding=1)
+    variance = F.conv2d(x**2, layer.weight_sigma**2, layer.bias_sigma**2, stride=2, padding=1)
+    torch.testing.assert_close(y, mean + variance.sqrt() * zeta)
+    with pytest.raises(ValueError, match="bias"):
+        conv2d_local_reparameterization(x, layer.weight_mu, layer.weight_sigma, layer.bias_mu)
+
+
+def test_local_reparameterization_noise_is_independent_between_positions_and_images() -> None:
+    # Every position sees the same patch: one kernel sample would give them correlation 1;
+    # the local reparameterisation gives 0 (within 5 standard errors 1/sqrt(S)), and also 0
+    # between two identical images of the batch.
+    layer = _layer()
+    torch.manual_seed(13)
+    x = torch.ones(2, 2, 5, 5)
+    num_samples = 2000
+    samples = sample_conv_outputs(layer, x, num_samples, "lrt")[:, :, 0]  # (S, 2, 3, 3)
+    corr = noise_correlation(samples, (0, 1, 1)).flatten()
+    off = torch.cat([corr[:4], corr[5:]])  # all but the reference itself
     assert off.abs().max().item() < 5 / math.sqrt(num_samples)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import struct
 import time
 import urllib.error
 from pathlib import Path
@@ -57,10 +59,50 @@ def write_image_tree(tree: Path, per_class: int = 3, jpeg_every: int | None = 3,
     return written
 
 
+def _py2_string(raw: bytes) -> bytes:
+    """Python 2's ``str`` in pickle protocol 2: SHORT_BINSTRING or BINSTRING."""
+    if len(raw) < 256:
+        return b"U" + bytes([len(raw)]) + raw
+    return b"T" + struct.pack("<i", len(raw)) + raw
+
+
+def _py2_int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return b"K" + bytes([value])
+    if 0 <= value < 65536:
+        return b"M" + struct.pack("<H", value)
+    return b"J" + struct.pack("<i", value)
+
+
+def python2_batch(rows: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as the original files were (Python 2, protocol 2, numpy 1).
+
+    Opcode by opcode: ``{"data": _reconstruct(ndarray, (0,), "b")`` with state ``(1, (N,
+    3072), dtype("u1") with state (3, "|", None, None, None, -1, -1, 0), False, <bytes as a
+    Python 2 str>)``, ``"labels": [...]}``; the module is ``numpy.core.multiarray``.
+    """
+    assert rows.dtype == np.uint8 and rows.ndim == 2 and rows.shape[1] == 3072
+    return b"".join([
+        b"\x80\x02}(", _py2_string(b"data"),
+        b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy\nndarray\n",
+        _py2_int(0), b"\x85", _py2_string(b"b"), b"\x87R",
+        b"(", _py2_int(1), _py2_int(rows.shape[0]), _py2_int(3072), b"\x86",
+        b"cnumpy\ndtype\n", _py2_string(b"u1"), _py2_int(0), _py2_int(1), b"\x87R",
+        b"(", _py2_int(3), _py2_string(b"|"), b"NNN", _py2_int(-1), _py2_int(-1),
+        _py2_int(0), b"tb", b"\x89", _py2_string(rows.tobytes()), b"tb",
+        _py2_string(b"labels"), b"](", *[_py2_int(y) for y in labels], b"eu."])
+
+
 def write_pickle_folder(folder: Path, per_batch: int = 20,
-                        label_names: tuple[str, ...] = CLASSES) -> dict[str, np.ndarray]:
-    """A tiny ``cifar-10-batches-py`` in the real format: dicts with ``data`` (N, 3072)
-    uint8 rows (R plane, G plane, B plane) and ``labels`` lists; ``batches.meta``."""
+                        label_names: tuple[str, ...] = CLASSES,
+                        protocol: int | str = pickle.DEFAULT_PROTOCOL) -> dict[str, np.ndarray]:
+    """A tiny ``cifar-10-batches-py`` in the real format: dicts with ``b"data"`` (N, 3072)
+    uint8 rows (R plane, G plane, B plane) and ``b"labels"`` lists; ``batches.meta``.
+
+    ``protocol``: a pickle protocol (keys ``bytes``, as Python 3 sees the original files
+    with ``encoding="bytes"``), or ``"python2"`` for the original files' own encoding
+    (:func:`python2_batch`).
+    """
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True)
     arrays = {"train": [], "test": []}
@@ -70,16 +112,26 @@ def write_pickle_folder(folder: Path, per_batch: int = 20,
         split = "test" if name == "test_batch" else "train"
         rows = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         batch_labels = [i % 10 for i in range(per_batch)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "data": rows, "labels": batch_labels,
-                         "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}, f)
+        if protocol == "python2":
+            (folder / name).write_bytes(python2_batch(rows, batch_labels))
+        else:
+            with open(folder / name, "wb") as f:
+                pickle.dump({b"batch_label": name.encode(), b"data": rows,
+                             b"labels": batch_labels,
+                             b"filenames": [f"{name}_{i}.png".encode()
+                                            for i in range(per_batch)]}, f, protocol=protocol)
         arrays[split].append(rows)
         labels[split].extend(batch_labels)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(label_names), "num_cases_per_batch": per_batch,
-                     "num_vis": 3072}, f)
+        pickle.dump({b"label_names": [n.encode() for n in label_names],
+                     b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f,
+                    protocol=2 if protocol == "python2" else protocol)
     return {"train": np.concatenate(arrays["train"]), "test": np.concatenate(arrays["test"]),
             "train_labels": np.array(labels["train"]), "test_labels": np.array(labels["test"])}
+
+
+REAL_DATA = config.data_root()
+"""``BNN_COURSE_DATA`` as set when the tests started (the fixture below unsets it)."""
 
 
 @pytest.fixture(autouse=True)
@@ -102,8 +154,12 @@ def test_image_tree_loads_png_and_jpeg_and_is_cached(tmp_path, monkeypatch, caps
     assert first.train_images.dtype == torch.uint8 and first.train_labels.dtype == torch.int64
     assert first.train_labels.tolist() == [c for c in range(10) for _ in range(3)]
     assert first.classes == CLASSES and not first.is_synthetic
-    assert first.is_jpeg and first.name == "JPEG copy of CIFAR-10"
-    assert "JPEG copy of CIFAR-10" in first.source and str(tree) in first.source
+    # Tiny and half PNG: described as found, never called "JPEG copy of CIFAR-10".
+    assert first.is_jpeg
+    assert first.name == ("PNG and JPEG image tree with CIFAR-10's classes "
+                          "(30 train + 30 test images)")
+    assert first.source == (f"PNG and JPEG image tree at {tree}, 30 train + 30 test images in "
+                            "CIFAR-10's ten classes (not CIFAR-10's 50,000 + 10,000)")
     for split, images in (("train", first.train_images), ("test", first.test_images)):
         for i, pixels in enumerate(written[split]):
             if pixels is not None:  # PNG: lossless, channels first
@@ -123,14 +179,91 @@ def test_image_tree_loads_png_and_jpeg_and_is_cached(tmp_path, monkeypatch, caps
     assert "from the cache" in capsys.readouterr().out
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(first, field), getattr(second, field))
-    assert second.is_jpeg and second.source == first.source
+    assert second.is_jpeg and second.source == first.source and second.name == first.name
 
 
 def test_png_tree_is_not_called_jpeg(tmp_path) -> None:
     write_image_tree(tmp_path / "tree", per_class=2, jpeg_every=None)
     loaded = load_cifar10(tmp_path / "tree", smoke=False, allow_download=False)
-    assert not loaded.is_jpeg and loaded.name == "CIFAR-10"
-    assert "JPEG" not in loaded.source
+    assert not loaded.is_jpeg
+    assert loaded.name == "PNG image tree with CIFAR-10's classes (20 train + 20 test images)"
+    assert "JPEG" not in loaded.source and str(tmp_path / "tree") in loaded.source
+
+
+@pytest.mark.parametrize("jpeg_every, name", [
+    (1, "JPEG copy of CIFAR-10"),
+    (None, "PNG copy of CIFAR-10"),
+    (2, "PNG and JPEG copy of CIFAR-10"),
+])
+def test_a_tree_of_cifar10s_size_is_called_a_copy(tmp_path, monkeypatch, jpeg_every,
+                                                  name) -> None:
+    # CIFAR-10's 5,000 + 1,000 images per class, scaled down to 3 + 3 for the test.
+    monkeypatch.setitem(data.CIFAR10_PER_CLASS, "train", 3)
+    monkeypatch.setitem(data.CIFAR10_PER_CLASS, "test", 3)
+    write_image_tree(tmp_path / "tree", per_class=3, jpeg_every=jpeg_every)
+    loaded = load_cifar10(tmp_path / "tree", smoke=True, train_per_class=2, test_per_class=1)
+    assert loaded.name == name and loaded.is_jpeg == (jpeg_every is not None)
+    kind = name.removesuffix(" copy of CIFAR-10")
+    assert loaded.source == (f"{name}: {kind} image tree at {tmp_path / 'tree'}, 30 train + "
+                             "30 test images; kept the first 2 train and 1 test images per "
+                             "class")
+    # One image more or less than CIFAR-10 has, and it is no longer called CIFAR-10.
+    (tmp_path / "tree" / "test" / "dog" / "0001.png").unlink(missing_ok=True)
+    (tmp_path / "tree" / "test" / "dog" / "0001.jpg").unlink(missing_ok=True)
+    other = load_cifar10(tmp_path / "tree", smoke=True, train_per_class=2, test_per_class=1)
+    assert "CIFAR-10" not in other.name.replace("CIFAR-10's classes", "")
+    assert "30 train + 29 test images" in other.name
+
+
+def test_pickled_batches_of_cifar10s_size_are_called_cifar10(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(data.CIFAR10_PER_CLASS, "train", 10)
+    monkeypatch.setitem(data.CIFAR10_PER_CLASS, "test", 2)
+    write_pickle_folder(tmp_path / "cifar-10-batches-py")  # 5 x 20 train, 20 test
+    loaded = load_cifar10(tmp_path, smoke=False)
+    assert loaded.name == "CIFAR-10" and not loaded.is_jpeg
+    assert loaded.source == ("CIFAR-10: pickled batches at "
+                             f"{tmp_path / 'cifar-10-batches-py'}, 100 train + 20 test images")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "1", "16-bit"])
+def test_a_grayscale_image_is_an_error_naming_it(tmp_path, mode) -> None:
+    write_image_tree(tmp_path / "tree", per_class=2, jpeg_every=None)
+    gray = tmp_path / "tree" / "train" / "frog" / "0001.png"
+    if mode == "16-bit":  # a 16-bit grayscale PNG (Pillow reads it as "I" or "I;16")
+        Image.fromarray(np.full((32, 32), 40_000, dtype=np.uint16)).save(gray)
+    else:
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).convert(mode).save(gray)
+    mode = Image.open(gray).mode
+    with pytest.raises(ValueError, match=rf"{gray} is grayscale \(Pillow mode '{mode}'\)"):
+        load_cifar10(tmp_path / "tree", smoke=False)
+    assert not list((tmp_path / "tree").glob(".bnn_course_cache_*"))
+
+
+def test_palette_and_opaque_rgba_images_convert_losslessly(tmp_path) -> None:
+    written = write_image_tree(tmp_path / "tree", per_class=2, jpeg_every=None)
+    folder = tmp_path / "tree" / "train" / "airplane"
+    palette = Image.open(folder / "0000.png").quantize(colors=256)
+    palette.save(folder / "0000.png")
+    expected_palette = np.array(palette.convert("RGB"))  # the palette's own colours
+    Image.fromarray(written["train"][1]).convert("RGBA").save(folder / "0001.png")
+    loaded = load_cifar10(tmp_path / "tree", smoke=False)
+    assert Image.open(folder / "0000.png").mode == "P"
+    assert torch.equal(loaded.train_images[0], torch.from_numpy(expected_palette).permute(2, 0, 1))
+    assert torch.equal(loaded.train_images[1],
+                       torch.from_numpy(written["train"][1]).permute(2, 0, 1))
+
+
+def test_a_transparent_pixel_or_a_misnamed_file_is_an_error(tmp_path) -> None:
+    write_image_tree(tmp_path / "tree", per_class=2, jpeg_every=None)
+    image = tmp_path / "tree" / "test" / "ship" / "0000.png"
+    rgba = np.full((32, 32, 4), 255, dtype=np.uint8)
+    rgba[3, 5, 3] = 128
+    Image.fromarray(rgba, mode="RGBA").save(image)
+    with pytest.raises(ValueError, match=rf"{image} \(mode RGBA\) has 1 pixels that are not"):
+        load_cifar10(tmp_path / "tree", smoke=False)
+    Image.fromarray(rgba[..., :3]).save(image, format="JPEG")  # a JPEG named .png
+    with pytest.raises(ValueError, match=rf"{image} holds a JPEG image, not PNG"):
+        load_cifar10(tmp_path / "tree", smoke=False)
 
 
 def test_cache_is_rebuilt_when_the_tree_changes(tmp_path) -> None:
@@ -177,8 +310,9 @@ def test_wrong_class_folders_are_a_clear_error(tmp_path, bad, message) -> None:
         load_cifar10(tmp_path / "tree", smoke=False, allow_download=False)
 
 
-def test_pickled_batches_one_level_down(tmp_path) -> None:
-    expected = write_pickle_folder(tmp_path / "cifar-10-batches-py")
+@pytest.mark.parametrize("protocol", ["python2", 2, 5])
+def test_pickled_batches_one_level_down(tmp_path, protocol) -> None:
+    expected = write_pickle_folder(tmp_path / "cifar-10-batches-py", protocol=protocol)
     loaded = load_cifar10(tmp_path, smoke=False, allow_download=False)
     assert loaded.train_images.shape == (100, 3, 32, 32)
     assert loaded.test_images.shape == (20, 3, 32, 32)
@@ -189,8 +323,76 @@ def test_pickled_batches_one_level_down(tmp_path) -> None:
     assert torch.equal(loaded.train_images[0, 0, 1],
                        torch.from_numpy(expected["train"][0, 32:64]))
     assert loaded.train_labels.tolist() == expected["train_labels"].tolist()
-    assert not loaded.is_jpeg and not loaded.is_synthetic and loaded.name == "CIFAR-10"
-    assert "pickled batches" in loaded.source
+    assert not loaded.is_jpeg and not loaded.is_synthetic
+    assert loaded.name == "pickled batches with CIFAR-10's classes (100 train + 20 test images)"
+    assert loaded.source.startswith(f"pickled batches at {tmp_path / 'cifar-10-batches-py'}, ")
+
+
+class _RunsCode:
+    """Pickles as a call of ``function(*args)``: what a crafted batch file would do."""
+
+    def __init__(self, function: object, *args: object) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple:
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("attack", ["os.system", "builtins.exec", "nested in the array"])
+@pytest.mark.parametrize("victim", ["data_batch_3", "batches.meta"])
+def test_a_crafted_batch_file_runs_no_code(tmp_path, attack, victim) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickle_folder(folder, per_batch=10)
+    marker = tmp_path / "pwned"
+    if attack == "os.system":
+        payload = _RunsCode(os.system, f"touch {marker}")
+    elif attack == "builtins.exec":
+        payload = _RunsCode(exec, f"open({str(marker)!r}, 'w').close()")
+    else:  # an object array whose element is the crafted object
+        payload = np.array([_RunsCode(os.system, f"touch {marker}")], dtype=object)
+    rows = np.zeros((10, 3072), dtype=np.uint8)
+    with open(folder / victim, "wb") as f:
+        pickle.dump({b"data": rows, b"labels": list(range(10)), b"label_names": list(CLASSES),
+                     b"extra": payload}, f, protocol=2)
+    with pytest.raises(ValueError, match=rf"{folder / victim} is not a readable CIFAR-10 "
+                                         r"batch: .*names the global .*refused"):
+        load_cifar10(tmp_path, smoke=False)
+    assert not marker.exists()
+    # (The payload does run under plain pickle: the test would catch a permissive reader.)
+    if attack != "os.system":
+        with open(folder / victim, "rb") as f:
+            pickle.load(f)
+        assert marker.exists()
+
+
+def test_only_the_latin1_codec_may_be_called(tmp_path) -> None:
+    import codecs
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickle_folder(folder, per_batch=10, protocol=2)  # bytes via _codecs.encode(latin1)
+    assert load_cifar10(tmp_path, smoke=False).train_images.shape[0] == 50
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((10, 3072), dtype=np.uint8), b"labels": [0] * 10,
+                     b"extra": _RunsCode(codecs.encode, "x", "rot13")}, f, protocol=2)
+    with pytest.raises(ValueError, match="never encodes with 'rot13'"):
+        load_cifar10(tmp_path, smoke=False)
+
+
+def test_a_batch_of_the_wrong_shape_or_type_is_refused(tmp_path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    write_pickle_folder(folder, per_batch=10)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((10, 3072), dtype=np.int64), b"labels": [0] * 10}, f)
+    with pytest.raises(ValueError, match="expected uint8 \\(N, 3072\\)"):
+        load_cifar10(tmp_path, smoke=False)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((10, 3072), dtype=np.uint8), b"labels": [0] * 9 + [10]}, f)
+    with pytest.raises(ValueError, match="expected 10 labels in 0..9"):
+        load_cifar10(tmp_path, smoke=False)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    with pytest.raises(ValueError, match="holds a list, not a CIFAR-10 batch"):
+        load_cifar10(tmp_path, smoke=False)
 
 
 def test_pickled_batches_with_other_class_names_are_refused(tmp_path) -> None:
@@ -232,8 +434,9 @@ def test_smoke_subset_of_an_uncached_tree_decodes_only_the_subset(tmp_path) -> N
 
 
 def test_synthetic_stand_in_only_in_smoke_mode(tmp_path, capsys) -> None:
+    default = tmp_path / "home" / ".cache" / "bnn_course" / "data"
     with pytest.warns(UserWarning, match="SYNTHETIC STAND-IN, NOT CIFAR-10"):
-        fake = load_cifar10(tmp_path, smoke=True, allow_download=False,
+        fake = load_cifar10(smoke=True, allow_download=False,
                             train_per_class=8, test_per_class=4)
     assert "SYNTHETIC STAND-IN, NOT CIFAR-10" in capsys.readouterr().out
     assert fake.is_synthetic and "not CIFAR-10" in fake.source and "not CIFAR-10" in fake.name
@@ -243,20 +446,67 @@ def test_synthetic_stand_in_only_in_smoke_mode(tmp_path, capsys) -> None:
     assert not set(fake.classes) & set(CLASSES)  # no CIFAR-10 names on fake images
 
     with pytest.raises(FileNotFoundError) as error:
-        load_cifar10(tmp_path, smoke=False, allow_download=False)
+        load_cifar10(smoke=False, allow_download=False)
     message = str(error.value)
+    assert "\n" not in message  # the command lines print it as one "error: ..." line
     for hint in (config.DATA_ENV, "cifar-10-batches-py", "train/<class>", "allow_download",
-                 str(tmp_path)):
+                 str(default)):
         assert hint in message
 
 
-def test_smoke_none_follows_the_environment(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("smoke", [True, False])
+@pytest.mark.parametrize("how", ["root", "environment"])
+def test_a_missing_explicit_folder_is_an_error_and_nothing_is_created(
+        tmp_path, monkeypatch, smoke, how) -> None:
+    mistyped = tmp_path / "cifra10"  # the autouse fixture fails any download attempt
+    if how == "root":
+        call = lambda: load_cifar10(mistyped, smoke=smoke)  # noqa: E731
+    else:
+        monkeypatch.setenv(config.DATA_ENV, str(mistyped))
+        call = lambda: load_cifar10(smoke=smoke)  # noqa: E731
+    with pytest.raises(FileNotFoundError) as error:
+        call()
+    message = str(error.value)
+    assert str(mistyped) in message and "does not exist" in message and "\n" not in message
+    assert "Nothing was downloaded or created" in message
+    assert (config.DATA_ENV if how == "environment" else "--data") in message
+    assert not mistyped.exists() and not (tmp_path / "home").exists()
+    mistyped.write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        call()
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_an_explicit_folder_without_cifar10_is_an_error_without_download(
+        tmp_path, smoke) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        load_cifar10(empty, smoke=smoke)  # allow_download=True: still no download here
+    message = str(error.value)
+    assert f"CIFAR-10 was not found in {empty}, the folder given explicitly" in message
+    assert "nothing is downloaded into a folder given explicitly" in message
+    assert list(empty.iterdir()) == [] and "\n" not in message
+
+
+def test_resolve_data_root(tmp_path, monkeypatch) -> None:
+    default = tmp_path / "home" / ".cache" / "bnn_course" / "data"
+    assert data.resolve_data_root() == (default, False)
+    assert data.resolve_data_root("") == (default, False)
+    monkeypatch.setenv(config.DATA_ENV, str(tmp_path))
+    assert data.resolve_data_root() == (tmp_path, True)
+    (tmp_path / "flag").mkdir()
+    assert data.resolve_data_root(tmp_path / "flag") == (tmp_path / "flag", True)  # wins
+    assert not default.exists()
+
+
+def test_smoke_none_follows_the_environment(monkeypatch) -> None:
     monkeypatch.setenv(config.SMOKE_ENV, "0")
     with pytest.raises(FileNotFoundError):
-        load_cifar10(tmp_path, allow_download=False)
+        load_cifar10(allow_download=False)
     monkeypatch.setenv(config.SMOKE_ENV, "1")
     with pytest.warns(UserWarning):
-        assert load_cifar10(tmp_path, allow_download=False, train_per_class=1,
+        assert load_cifar10(allow_download=False, train_per_class=1,
                             test_per_class=1).is_synthetic
 
 
@@ -269,21 +519,28 @@ def test_failed_download_falls_back_only_in_smoke_mode(tmp_path, monkeypatch) ->
 
     monkeypatch.setattr(data, "_download", offline)
     with pytest.raises(FileNotFoundError, match="download failed with URLError"):
-        load_cifar10(tmp_path / "dl", smoke=False)
+        load_cifar10(smoke=False)
     with pytest.warns(UserWarning):
-        assert load_cifar10(tmp_path / "dl", smoke=True, train_per_class=1,
-                            test_per_class=1).is_synthetic
-    assert calls == [tmp_path / "dl"] * 2
+        assert load_cifar10(smoke=True, train_per_class=1, test_per_class=1).is_synthetic
+    assert calls == [tmp_path / "home" / ".cache" / "bnn_course" / "data"] * 2
 
 
-def test_successful_download_is_read_from_the_root(tmp_path, monkeypatch) -> None:
+def test_download_goes_only_into_the_default_folder_and_says_so(tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    default = tmp_path / "home" / ".cache" / "bnn_course" / "data"
     monkeypatch.setattr(data, "_download",
                         lambda root: write_pickle_folder(root / "cifar-10-batches-py"))
-    loaded = load_cifar10(tmp_path / "dl", smoke=False)
-    assert loaded.train_images.shape[0] == 100 and "pickled batches" in loaded.source
-    # The folder itself may also be named as the root.
-    direct = load_cifar10(tmp_path / "dl" / "cifar-10-batches-py", smoke=False)
+    loaded = load_cifar10(smoke=False, verbose=False)
+    printed = capsys.readouterr().out
+    assert printed == (f"No copy of CIFAR-10 in the default folder {default}; downloading it "
+                       "there with torchvision (170 MB)\n")  # printed even when not verbose
+    assert loaded.train_images.shape[0] == 100
+    assert loaded.source.startswith(f"pickled batches at {default / 'cifar-10-batches-py'}")
+    # The folder itself may also be named as the root; found there, nothing is downloaded.
+    monkeypatch.setattr(data, "_download", lambda root: pytest.fail("downloaded again"))
+    direct = load_cifar10(default / "cifar-10-batches-py", smoke=False)
     assert torch.equal(direct.train_images, loaded.train_images)
+    assert torch.equal(load_cifar10(smoke=False).train_images, loaded.train_images)
 
 
 def test_default_root_is_the_user_cache(tmp_path, monkeypatch) -> None:
@@ -292,6 +549,20 @@ def test_default_root_is_the_user_cache(tmp_path, monkeypatch) -> None:
     with pytest.raises(FileNotFoundError):
         load_cifar10(smoke=False)
     assert calls == [tmp_path / "home" / ".cache" / "bnn_course" / "data"]
+
+
+@pytest.mark.skipif(not (REAL_DATA and data._is_image_tree(Path(REAL_DATA))),
+                    reason="BNN_COURSE_DATA does not name an image-folder tree of CIFAR-10")
+def test_the_real_jpeg_copy_is_described_as_found(monkeypatch) -> None:
+    monkeypatch.setenv(config.DATA_ENV, REAL_DATA)
+    loaded = load_cifar10(smoke=True, train_per_class=2, test_per_class=1, verbose=False)
+    tree = Path(REAL_DATA).expanduser()
+    assert loaded.name == "JPEG copy of CIFAR-10" and loaded.is_jpeg
+    assert loaded.source == (f"JPEG copy of CIFAR-10: JPEG image tree at {tree}, 50,000 train "
+                             "+ 10,000 test images; kept the first 2 train and 1 test images "
+                             "per class")
+    assert loaded.train_images.shape == (20, 3, 32, 32)
+    assert loaded.train_labels.tolist() == [c for c in range(10) for _ in range(2)]
 
 
 def test_to_moves_every_tensor() -> None:

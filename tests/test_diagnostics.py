@@ -179,7 +179,7 @@ def test_break_even_shift_edge_cases() -> None:
         break_even_log_sigma_shift(-1.0)
 
 
-@pytest.mark.parametrize("kl_scaling, scale", [("none", 1.0), ("per_example", 1 / 500)])
+@pytest.mark.parametrize("kl_scaling, scale", [("unscaled", 1.0), ("per_example", 1 / 500)])
 def test_objective_at_prior_terms(kl_scaling: str, scale: float) -> None:
     model = tiny_cnn(init_log_sigma=-3.0)
     images, labels = tiny_batch()
@@ -218,7 +218,7 @@ def test_the_seed_recipe_prior_is_far_from_uniform() -> None:
     # sigma = s = 1 through six layers: noise amplified far beyond log K.
     model = tiny_cnn(init_log_sigma=0.0)
     images, labels = tiny_batch()
-    result = objective_at_prior(model, images, labels, num_train=100, kl_scaling="none")
+    result = objective_at_prior(model, images, labels, num_train=100, kl_scaling="unscaled")
     assert result["prior_nll"] > 10 * math.log(10)
     assert result["current_kl"] < 100  # sigma at the prior: only the means cost anything
 
@@ -439,7 +439,7 @@ def test_prediction_collapse_rejects_bad_input(predictions, labels, message) -> 
 
 
 @pytest.mark.parametrize("kl_scaling, kl_weight, num_train",
-                         [("none", 1.0, 1000), ("per_example", 0.3, 1000)])
+                         [("unscaled", 1.0, 1000), ("per_example", 0.3, 1000)])
 def test_kl_gradient_matches_its_closed_form(kl_scaling, kl_weight, num_train) -> None:
     s = 0.7
     model = tiny_cnn(prior_sigma=s)
@@ -469,7 +469,7 @@ def test_kl_gradient_on_rho_for_the_softplus_parametrisation() -> None:
     with torch.no_grad():
         model.dense.weight_posterior.rho.copy_(torch.linspace(-4.0, 2.0, 18).view(3, 6))
     norms = gradient_norms(model, torch.randn(4, 6), torch.zeros(4, dtype=torch.long), 1,
-                           kl_scaling="none")
+                           kl_scaling="unscaled")
     rho = torch.cat([model.dense.weight_posterior.rho.detach().flatten(),
                      model.dense.bias_posterior.rho.detach().flatten()]).double()
     sigma = F.softplus(rho)
@@ -518,7 +518,7 @@ def test_unscaled_kl_gradient_is_n_times_the_per_example_one() -> None:
     model = tiny_cnn(init_log_sigma=-2.0)
     images, labels = tiny_batch()
     torch.manual_seed(9)
-    unscaled = gradient_norms(model, images, labels, 250, "none")
+    unscaled = gradient_norms(model, images, labels, 250, "unscaled")
     torch.manual_seed(9)
     per_example = gradient_norms(model, images, labels, 250, "per_example")
     for name in unscaled:

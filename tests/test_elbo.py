@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bnn_course.elbo import (
+    KL_SCALINGS,
     TOY_CLUSTERS,
     BayesianRegressor,
     fit_bayes_by_backprop,
@@ -26,6 +27,11 @@ def test_negative_elbo_is_nll_plus_kl_over_num_train() -> None:
     nll, kl = torch.tensor(0.75), torch.tensor(1234.0)
     assert negative_elbo(nll, kl, 1000).item() == pytest.approx(0.75 + 1.234, rel=1e-6)
     assert negative_elbo(nll, kl, 1).item() == pytest.approx(0.75 + 1234.0, rel=1e-6)
+    unscaled = negative_elbo(nll, kl, 1000, kl_scaling="unscaled")
+    assert unscaled.item() == pytest.approx(0.75 + 1234.0, rel=1e-6)
+    # a warm-up factor multiplies the weight: beta = 0.1, gamma = 0.5
+    assert negative_elbo(0.0, kl, 1000, kl_weight=0.1 * 0.5).item() == pytest.approx(
+        0.0617, rel=1e-6)
     assert negative_elbo(nll, kl, 1000, kl_weight=0.5).item() == pytest.approx(
         0.75 + 0.617, rel=1e-6)
     assert negative_elbo(nll, kl, 1000, kl_weight=0.0).item() == pytest.approx(0.75)
@@ -53,6 +59,10 @@ def test_negative_elbo_rejects_non_scalars_and_bad_weight() -> None:
     for weight in (-1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="kl_weight"):
             negative_elbo(torch.tensor(1.0), torch.tensor(1.0), 10, kl_weight=weight)
+    with pytest.raises(ValueError, match="kl_scaling"):
+        negative_elbo(torch.tensor(1.0), torch.tensor(1.0), 10, kl_scaling="none")
+    with pytest.raises(TypeError):  # the weight is keyword-only: no silent mix-up with N
+        negative_elbo(torch.tensor(1.0), torch.tensor(1.0), 10, 0.5)  # type: ignore[misc]
 
 
 # --- gaussian_nll -------------------------------------------------------------------------
@@ -177,11 +187,11 @@ def test_a_short_fit_reduces_the_loss_and_records_both_terms() -> None:
 def test_unscaled_kl_is_added_raw_and_pulls_towards_the_prior() -> None:
     x, y = make_regression_toy(256, 0.3, torch.Generator().manual_seed(0))
     histories = {}
-    for kl_scale in ("per_example", "unscaled"):
+    for kl_scaling in KL_SCALINGS:
         torch.manual_seed(0)
         model = BayesianRegressor(hidden_features=(32,))
-        histories[kl_scale] = fit_bayes_by_backprop(model, x, y, steps=100, lr=0.05,
-                                                    noise_sigma=0.3, kl_scale=kl_scale)
+        histories[kl_scaling] = fit_bayes_by_backprop(model, x, y, steps=100, lr=0.05,
+                                                      noise_sigma=0.3, kl_scaling=kl_scaling)
     unscaled = histories["unscaled"]
     for nll, kl, loss in zip(unscaled["nll"], unscaled["kl"], unscaled["loss"], strict=True):
         assert loss == pytest.approx(nll + kl, rel=1e-4)
@@ -202,8 +212,8 @@ def test_mini_batches_still_divide_the_kl_by_the_training_set_size() -> None:
 def test_fit_rejects_bad_arguments() -> None:
     x, y = make_regression_toy(8, 0.1, torch.Generator().manual_seed(0))
     model = BayesianRegressor(hidden_features=(4,))
-    with pytest.raises(ValueError, match="kl_scale"):
-        fit_bayes_by_backprop(model, x, y, 1, 0.01, 0.1, kl_scale="per_batch")
+    with pytest.raises(ValueError, match="kl_scaling"):
+        fit_bayes_by_backprop(model, x, y, 1, 0.01, 0.1, kl_scaling="per_batch")
     with pytest.raises(ValueError, match="shapes"):
         fit_bayes_by_backprop(model, x, y[:4], 1, 0.01, 0.1)
     with pytest.raises(ValueError, match="steps"):

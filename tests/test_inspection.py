@@ -106,6 +106,21 @@ def test_deterministic_twin_computes_the_mean_network_with_half_the_parameters()
     assert 2 * twin_count == count_parameters(model)["learned"]
 
 
+def test_deterministic_twin_follows_the_model_layout_dtype_and_parametrisation() -> None:
+    torch.manual_seed(2)
+    model = BayesianCNN(channels=(4,), image_size=4, hidden_features=6,
+                        parametrization="softplus").double()
+    twin = deterministic_twin(model)
+    kinds = [type(m).__name__ for m in twin]
+    assert kinds == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear",
+                     "ReLU", "Linear", "LogSoftmax"]
+    assert all(p.dtype == torch.float64 for p in twin.parameters())
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x, sample=False), rtol=1e-12, atol=1e-12)
+    assert count_parameters(twin)["weights"] == count_parameters(model)["weights"]
+
+
 class _ScriptedModel:
     """Deterministic pass p0; stochastic passes alternate between p1 and p2 (log-probs)."""
 

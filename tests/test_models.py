@@ -94,3 +94,59 @@ def test_deterministic_twin_and_mc_dropout() -> None:
     torch.testing.assert_close(dropout(x).exp().sum(-1), torch.ones(3))
     with pytest.raises(ValueError, match="dropout"):
         DeterministicCNN(dropout=1.0)
+
+
+def test_no_blocks_or_bad_widths_are_an_error() -> None:
+    for channels in ((), (8, 0), (8.0,)):
+        with pytest.raises(ValueError, match="channels"):
+            BayesianCNN(channels=channels)
+        with pytest.raises(ValueError, match="channels"):
+            DeterministicCNN(channels=channels)
+    with pytest.raises(ValueError, match="hidden_features"):
+        BayesianCNN(hidden_features=0)
+
+
+def test_uint8_images_are_an_error_naming_shape_and_dtype(model) -> None:
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"floating-point images of shape \(batch, 3, 32, 32\)"
+                                         r".*uint8"):
+        model(images)
+    with pytest.raises(ValueError, match="uint8"):
+        DeterministicCNN()(images)
+
+
+def test_one_layout_for_every_network() -> None:
+    """The stages in call order, and the same layers in BayesianCNN and DeterministicCNN."""
+    bayesian = BayesianCNN(channels=(4, 8), hidden_features=16)
+    plain = DeterministicCNN(channels=(4, 8), hidden_features=16, dropout=0.2)
+    expected = (["Conv", "ReLU", "Conv", "ReLU", "MaxPool2d"] * 2
+                + ["Flatten", "Linear", "ReLU", "Linear"])
+    kinds = {BayesianConv2dFlipout: "Conv", torch.nn.Conv2d: "Conv",
+             BayesianDenseFlipout: "Linear", torch.nn.Linear: "Linear"}
+    assert [kinds.get(type(s), type(s).__name__) for s in bayesian.stages()] == expected
+    with_dropout = [kinds.get(type(s), type(s).__name__) for s in plain.stages()]
+    assert with_dropout == expected[:11] + ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert bayesian.layers() == [*bayesian.convs, bayesian.hidden, bayesian.classifier]
+    for ours, theirs in zip(bayesian.layers(), plain.layers(), strict=True):
+        assert ours.weight_mu.shape == theirs.weight.shape
+    # Only the layers hold state: the state dict keys are those of the layers.
+    assert {key.split(".")[0] for key in bayesian.state_dict()} == {
+        "convs", "hidden", "classifier"}
+
+
+def test_a_checkpoint_without_prior_buffers_still_loads(model) -> None:
+    old = {key: value for key, value in model.state_dict().items()
+           if not key.endswith("_prior_sigma")}
+    fresh = BayesianCNN()
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh(x, sample=False), model(x, sample=False))
+    assert fresh.hidden.prior_sigma == model.hidden.prior_sigma
+
+
+def test_a_float64_model_keeps_float64_log_probabilities_and_kl() -> None:
+    torch.manual_seed(3)
+    model = BayesianCNN(image_size=8, channels=(4,), hidden_features=8).double()
+    log_probs = model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert log_probs.dtype == model.kl_divergence().dtype == torch.float64
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2, dtype=torch.float64))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from bnn_course import data as data_module
 from bnn_course import ood
 from bnn_course.ood import (
     OOD_SET_NAMES,
@@ -34,7 +35,7 @@ def test_offline_sets_without_network(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "OOD sets used: sklearn-digits (50)" in printed
     assert "svhn skipped" in printed and "cifar100 skipped" in printed
-    assert "allow_download=False" in printed
+    assert "never downloaded into" in printed
 
 
 def test_digits_are_the_sklearn_digits_upscaled() -> None:
@@ -88,8 +89,12 @@ def test_torchvision_sets_are_used_when_available_and_skipped_when_not(
     fake_svhn = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8,
                               generator=torch.Generator().manual_seed(5))
 
+    default_folder = tmp_path / "cache" / "data"
+    monkeypatch.delenv("BNN_COURSE_DATA", raising=False)
+    monkeypatch.setattr(data_module, "user_cache_dir", lambda: tmp_path / "cache")
+
     def svhn(folder, download):
-        assert folder == tmp_path and download is True
+        assert folder == default_folder and download is True
         return fake_svhn
 
     def cifar100(folder, download):
@@ -97,7 +102,7 @@ def test_torchvision_sets_are_used_when_available_and_skipped_when_not(
 
     monkeypatch.setattr(ood, "_TORCHVISION_SETS", {
         "svhn": (svhn, "SVHN test split"), "cifar100": (cifar100, "CIFAR-100 test split")})
-    sets = load_ood_sets(root=tmp_path, max_images=20)
+    sets = load_ood_sets(max_images=20)
     assert tuple(sets) == ("svhn", *OFFLINE)
     assert tuple(sets) == tuple(name for name in OOD_SET_NAMES if name in sets)
     assert torch.equal(sets["svhn"][0], fake_svhn[:20])
@@ -120,3 +125,25 @@ def test_bad_max_images_raises(tmp_path) -> None:
     for bad in (0, -3, True):
         with pytest.raises(ValueError, match="max_images"):
             load_ood_sets(root=tmp_path, allow_download=False, max_images=bad)
+
+
+def test_an_explicit_folder_is_read_but_never_downloaded_into(tmp_path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(ood, "_TORCHVISION_SETS", {
+        "svhn": (lambda folder, download: calls.append((folder, download)) or torch.zeros(
+            2, 3, 32, 32, dtype=torch.uint8), "fake")})
+    load_ood_sets(root=tmp_path, allow_download=True, max_images=2)
+    monkeypatch.setenv("BNN_COURSE_DATA", str(tmp_path))
+    load_ood_sets(allow_download=True, max_images=2)
+    assert calls == [(tmp_path, False), (tmp_path, False)]
+
+
+def test_a_missing_explicit_folder_is_an_error_and_nothing_is_created(tmp_path,
+                                                                     monkeypatch) -> None:
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="typo"):
+        load_ood_sets(root=missing, max_images=2)
+    monkeypatch.setenv("BNN_COURSE_DATA", str(missing))
+    with pytest.raises(FileNotFoundError, match="BNN_COURSE_DATA"):
+        load_ood_sets(max_images=2)
+    assert not missing.exists()

@@ -12,7 +12,12 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from bnn_course.posterior import PARAMETRIZATIONS, GaussianPosterior, gaussian_kl_divergence
+from bnn_course.posterior import (
+    PARAMETRIZATIONS,
+    GaussianPosterior,
+    gaussian_kl_divergence,
+    inverse_softplus,
+)
 
 PRIOR_SIGMAS = (0.1, 0.5, 1.0, 3.0)
 
@@ -95,15 +100,21 @@ def test_kl_is_positive_and_grows_away_from_the_prior(prior_sigma: float) -> Non
     assert gaussian_kl_divergence(mu, sigma, prior_sigma).item() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_kl_is_float32_for_other_input_dtypes(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "kl_dtype", "rel"), [
+    (torch.bfloat16, torch.float32, 1e-5),
+    (torch.float16, torch.float32, 1e-5),
+    (torch.float64, torch.float64, 1e-12),
+])
+def test_kl_is_in_at_least_float32(dtype: torch.dtype, kl_dtype: torch.dtype,
+                                   rel: float) -> None:
     mu, sigma = _random_mu_sigma(seed=3)
     mu, sigma = mu.to(dtype), sigma.to(dtype)
     got = gaussian_kl_divergence(mu, sigma, 1.0)
-    assert got.dtype == torch.float32
-    # Compared with the exact KL of the (already rounded) low-precision values.
+    assert got.dtype == kl_dtype
+    # Compared with the exact KL of the (already rounded) low-precision values; float64
+    # inputs keep float64 precision (float32 would be off by about 1e-7 relative).
     expected = _reference_kl(mu, sigma, 1.0)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() == pytest.approx(expected.item(), rel=rel)
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
@@ -259,3 +270,48 @@ def test_unknown_parametrization_is_an_error() -> None:
 def test_extra_repr_names_the_settings() -> None:
     text = repr(GaussianPosterior((2, 3), init_log_sigma=-4.0, parametrization="softplus"))
     assert "shape=(2, 3)" in text and "'softplus'" in text and "init_log_sigma=-4.0" in text
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("sigma", [1e-8, 0.0067, 0.7, 3.0, 50.0])
+def test_set_sigma_in_either_parametrisation(parametrization: str, sigma: float) -> None:
+    posterior = GaussianPosterior((3, 4), parametrization=parametrization)
+    posterior.set_sigma(sigma)
+    torch.testing.assert_close(posterior.sigma, torch.full((3, 4), sigma), rtol=1e-6, atol=0)
+    assert posterior.sigma_parameter is (posterior.log_sigma if parametrization == "log"
+                                         else posterior.rho)
+    log_sigma = posterior.log_sigma_values()
+    assert log_sigma.dtype == torch.float64 and not log_sigma.requires_grad
+    torch.testing.assert_close(log_sigma, torch.full((3, 4), math.log(sigma),
+                                                     dtype=torch.float64),
+                               rtol=0, atol=4e-6)  # float32 parameters near |log| = 18
+
+
+def test_set_sigma_rejects_non_positive_or_non_finite_values() -> None:
+    posterior = GaussianPosterior((2,), parametrization="softplus")
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="sigma"):
+            posterior.set_sigma(bad)
+
+
+def test_inverse_softplus_inverts_softplus_without_overflow() -> None:
+    for sigma in (1e-12, 1e-3, 1.0, 20.0, 20.5, 800.0):
+        rho = inverse_softplus(sigma)
+        assert math.isfinite(rho)
+        # log(1 + e^rho), written stably for large rho
+        back = rho + math.log1p(math.exp(-rho)) if rho > 0 else math.log1p(math.exp(rho))
+        assert back == pytest.approx(sigma, rel=1e-12)
+
+
+def test_log_sigma_values_are_exact_for_the_log_parametrisation() -> None:
+    posterior = GaussianPosterior((5,), init_log_sigma=-7.3)
+    assert torch.equal(posterior.log_sigma_values(),
+                       posterior.log_sigma.detach().double())
+
+
+def test_device_and_dtype_factory_arguments() -> None:
+    posterior = GaussianPosterior((2, 3), parametrization="softplus", dtype=torch.float64)
+    assert posterior.mu.dtype == posterior.rho.dtype == posterior.sigma.dtype == torch.float64
+    assert posterior.kl_divergence(1.0).dtype == torch.float64
+    meta = GaussianPosterior((2, 3), device="meta")
+    assert meta.mu.device.type == meta.log_sigma.device.type == "meta"

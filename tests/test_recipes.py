@@ -24,7 +24,6 @@ SHORT = {"channels": (8, 16), "hidden_features": 32, "batch_size": 32, "device":
          "progress": False, "epoch_eval_samples": 0, "eval_samples": 4}
 
 
-
 def chance_bound(num_test: int, standard_errors: float) -> float:
     """Chance accuracy 1/10 plus ``standard_errors`` standard errors on ``num_test`` images."""
     return 0.1 + standard_errors * math.sqrt(0.09 / num_test)
@@ -39,7 +38,7 @@ def check_seed_fails_and_default_learns(data, **overrides) -> None:
     num_test = int(data.test_labels.shape[0])
     seed = run("seed", data, **overrides)
     default = run("default", data, **overrides)
-    assert seed.config.kl_scaling == "none" and seed.config.init_log_sigma == 0.0
+    assert seed.config.kl_scaling == "unscaled" and seed.config.init_log_sigma == 0.0
     near_chance = chance_bound(num_test, 4)
     assert seed.final["accuracy_mean"] < near_chance, seed.final
     assert seed.final["accuracy_mc"] < near_chance, seed.final

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from bnn_course import config as run_config
-from bnn_course.data import load_cifar10, synthetic_cifar10
+from bnn_course.data import load_cifar10, stratified_subset, synthetic_cifar10
+from bnn_course.run_folder import RunFolderError
 from bnn_course.train import (
+    CHECKPOINT_FIELDS,
     CheckpointError,
     TrainConfig,
     TrainingDiverged,
-    kl_term,
     load_checkpoint,
     load_trained_model,
     main,
@@ -40,12 +41,17 @@ def tiny_data():
     return synthetic_cifar10(train_per_class=12, test_per_class=4, seed=1)
 
 
-def test_kl_term_scaling() -> None:
-    kl = torch.tensor(5000.0)
-    assert kl_term(kl, TrainConfig(), num_train=1000, warmup=1.0).item() == pytest.approx(5.0)
-    weighted = TrainConfig(kl_weight=0.1)
-    assert kl_term(kl, weighted, num_train=1000, warmup=0.5).item() == pytest.approx(0.25)
-    assert kl_term(kl, TrainConfig(kl_scaling="none"), 1000, 1.0).item() == 5000.0
+def test_the_logged_kl_term_follows_scaling_weight_and_warmup(tiny_data) -> None:
+    # 120 images, 4 steps per epoch; warm-up over 2 epochs: the last step (index 3) of
+    # epoch 1 has gamma = 3/8, and beta = 0.1. Unscaled: no division by N = 120.
+    for scaling, divisor in (("per_example", 120), ("unscaled", 1)):
+        config = TrainConfig(epochs=1, log_interval=1, kl_weight=0.1, kl_warmup_epochs=2,
+                             kl_scaling=scaling, **TINY)
+        steps = train(config, tiny_data, log=quiet).history[0]["steps"]
+        for index, step in enumerate(steps):
+            gamma = index / 8
+            assert step["kl_term"] == pytest.approx(0.1 * gamma * step["kl"] / divisor,
+                                                    rel=1e-5, abs=1e-12), (scaling, index)
 
 
 def test_loss_terms_are_logged_and_kl_is_per_example(tiny_data) -> None:
@@ -155,12 +161,135 @@ def test_baselines_train_with_the_same_engine(tiny_data, model) -> None:
 def test_invalid_configuration_is_an_error() -> None:
     with pytest.raises(ValueError, match="kl_scaling"):
         TrainConfig(kl_scaling="sum")
+    with pytest.raises(ValueError, match="kl_scaling"):
+        TrainConfig(kl_scaling="none")  # the old name of "unscaled"
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match=r"channels=\(\) \(must be a non-empty"):
+        TrainConfig(channels=())
+    assert TrainConfig(channels=[4, 8]).channels == (4, 8)
+
+
+@pytest.mark.parametrize("name", ["lr", "kl_weight", "kl_warmup_epochs", "init_log_sigma",
+                                  "prior_sigma", "dropout"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_settings_are_rejected(name, value) -> None:
+    with pytest.raises(ValueError, match=f"{name}=(inf|-inf|nan)"):
+        TrainConfig(**{name: value})
+
+
+def test_checkpoint_with_missing_fields_names_them(tmp_path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": "bnn_course.checkpoint", "version": 1, "epoch": 1,
+                           "model": {}})
+    with pytest.raises(CheckpointError, match=r"lacks the checkpoint fields \['config', "
+                                              r"'optimizer', 'history', 'rng', 'data_source'\]"):
+        load_checkpoint(path)
+    assert set(CHECKPOINT_FIELDS) >= {"config", "model", "optimizer", "rng"}
+
+
+def test_a_folder_holding_a_run_needs_resume_or_overwrite(tiny_data, tmp_path) -> None:
+    config = TrainConfig(epochs=1, **TINY)
+    train(config, tiny_data, out_dir=tmp_path, log=quiet)
+    (tmp_path / "metrics.json").write_text("{}")  # as main() writes it
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        train(TrainConfig(epochs=1, **{**TINY, "lr": 0.01}), tiny_data, out_dir=tmp_path,
+              log=quiet)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["lr"] == config.lr
+    # resuming a finished run trains nothing and keeps its metrics
+    train(config, tiny_data, out_dir=tmp_path, resume=True, log=quiet)
+    assert (tmp_path / "metrics.json").exists()
+    # --overwrite replaces the run: the old checkpoint and metrics.json go
+    longer = TrainConfig(epochs=2, **TINY)
+    train(longer, tiny_data, out_dir=tmp_path, overwrite=True, log=quiet)
+    assert not (tmp_path / "metrics.json").exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_refuses_another_test_subset(tiny_data, tmp_path) -> None:
+    config = TrainConfig(epochs=2, **TINY)
+
+    def stop(epoch: int, _: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_data, out_dir=tmp_path, on_epoch_end=stop, log=quiet)
+    images, labels = stratified_subset(tiny_data.test_images, tiny_data.test_labels, 20)
+    fewer = dataclasses.replace(tiny_data, test_images=images, test_labels=labels)
+    with pytest.raises(CheckpointError, match="test set: 40 examples saved, 20 now"):
+        train(config, fewer, out_dir=tmp_path, resume=True, log=quiet)
+    resumed = train(config, tiny_data, out_dir=tmp_path, resume=True, log=quiet)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_half_written_temporaries_are_removed_at_the_next_start(tiny_data, tmp_path) -> None:
+    crashed = tmp_path / "checkpoint.pt.partial-k3j2.tmp"
+    crashed.write_bytes(b"half a checkpoint")
+    train(TrainConfig(epochs=1, **TINY), tiny_data, out_dir=tmp_path, log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_data, tmp_path, monkeypatch) -> None:
+    # 120 images, 32 per batch: 4 steps an epoch. After the last step of epoch 2 (the 8th
+    # Adam step) a weight becomes NaN; the loss of every step was finite.
+    config = TrainConfig(epochs=2, **TINY)
+    real_step = torch.optim.Adam.step
+    steps = []
+
+    def poisoning_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 8:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = math.nan
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    with pytest.raises(TrainingDiverged, match="epoch 2: non-finite.*weights"):
+        train(config, tiny_data, out_dir=tmp_path, log=quiet)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["epoch"] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in saved["model"].values()
+               if t.is_floating_point())
+
+
+def test_non_finite_metrics_are_never_checkpointed(tiny_data, tmp_path, monkeypatch) -> None:
+    from bnn_course import train as engine
+
+    real_evaluate = engine.evaluate
+    calls = []
+
+    def evaluate_nan_second_time(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        calls.append(1)
+        return {**result, "nll_mean": math.nan} if len(calls) == 2 else result
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_nan_second_time)
+    with pytest.raises(TrainingDiverged, match=r"metrics \['test_nll_mean'\]"):
+        train(TrainConfig(epochs=2, **TINY), tiny_data, out_dir=tmp_path, log=quiet)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
+def test_train_leaves_the_global_tf32_settings_as_they_were(tiny_data) -> None:
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    train(TrainConfig(epochs=1, **TINY), tiny_data, log=quiet)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_old_checkpoints_with_kl_scaling_none_still_load(tiny_data, tmp_path) -> None:
+    config = TrainConfig(epochs=1, kl_scaling="unscaled", **TINY)
+    train(config, tiny_data, out_dir=tmp_path, log=quiet)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["config"]["kl_scaling"] = "none"
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["kl_scaling"] == "unscaled"
+    train(config, tiny_data, out_dir=tmp_path, resume=True, log=quiet)  # same run
 
 
 def test_command_line_end_to_end_in_smoke_mode(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(run_config.DATA_ENV, str(tmp_path / "nothing-here"))
+    # no copy anywhere (a private HOME, no BNN_COURSE_DATA, no download): the stand-in
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(run_config.DATA_ENV, raising=False)
     monkeypatch.setattr("bnn_course.data._download", lambda root: (_ for _ in ()).throw(
         OSError("no network in tests")))
     out = tmp_path / "run"
@@ -182,7 +311,7 @@ def test_command_line_end_to_end_in_smoke_mode(tmp_path, monkeypatch) -> None:
 def test_seed_recipe_sets_the_failing_configuration_and_flags_override_it(monkeypatch) -> None:
     captured = {}
 
-    def fake_train(config, data, out_dir=None, resume=False):
+    def fake_train(config, data, out_dir=None, resume=False, overwrite=False):
         captured["config"] = config
         raise SystemExit(0)
 
@@ -191,11 +320,11 @@ def test_seed_recipe_sets_the_failing_configuration_and_flags_override_it(monkey
     with pytest.raises(SystemExit):
         main(["--recipe", "seed", "--lr", "0.01"])
     config = captured["config"]
-    assert (config.kl_scaling, config.init_log_sigma, config.lr) == ("none", 0.0, 0.01)
+    assert (config.kl_scaling, config.init_log_sigma, config.lr) == ("unscaled", 0.0, 0.01)
     with pytest.raises(SystemExit):
         main(["--recipe", "seed", "--init-log-sigma", "-5"])
     assert captured["config"].init_log_sigma == -5.0
-    assert captured["config"].kl_scaling == "none"
+    assert captured["config"].kl_scaling == "unscaled"
     with pytest.raises(SystemExit):
         main([])
     assert captured["config"] == TrainConfig()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from bnn_course.layers import BayesianDenseFlipout
 from bnn_course.weight_noise import (
+    noise_statistics,
     pre_activations,
     signal_to_noise_by_layer,
     top_class_flip_rate,
@@ -186,3 +187,33 @@ def test_bad_arguments_are_errors() -> None:
         top_class_flip_rate([layer], x, 0)
     with pytest.raises(ValueError, match="empty"):
         pre_activations([], x)
+
+
+def test_noise_statistics_of_known_gaussian_passes() -> None:
+    """h = m + s * eps with known m and s: signal rms(m), noise s, sampled sqrt(m^2 + s^2)."""
+    generator = torch.Generator().manual_seed(4)
+    means = [torch.full((8, 25), 3.0), torch.linspace(-2.0, 2.0, 400).reshape(4, 100)]
+    scales = [0.5, 4.0]
+
+    def run(sample: bool) -> list[torch.Tensor]:
+        return [m + (s * torch.randn(m.shape, generator=generator) if sample else 0.0)
+                for m, s in zip(means, scales, strict=True)]
+
+    passes = 60
+    stats = noise_statistics(run, passes)
+    for mean, scale, layer in zip(means, scales, stats, strict=True):
+        signal = mean.double().pow(2).mean().sqrt().item()
+        assert layer["signal_rms"] == pytest.approx(signal, rel=1e-12)
+        # averaged sample variance: relative s.e. sqrt(2 / ((S - 1) J)), halved by the root
+        tolerance = 5 * 0.5 * math.sqrt(2 / ((passes - 1) * mean.numel()))
+        assert layer["noise_rms"] == pytest.approx(scale, rel=tolerance)
+        assert layer["signal_to_noise"] == pytest.approx(signal / layer["noise_rms"])
+        assert layer["sampled_rms"] == pytest.approx(math.sqrt(signal**2 + scale**2),
+                                                     rel=2 * tolerance)
+
+
+def test_noise_statistics_rejects_one_pass_and_a_changing_layer_count() -> None:
+    with pytest.raises(ValueError, match="num_samples"):
+        noise_statistics(lambda sample: [torch.zeros(2)], 1)
+    with pytest.raises(ValueError, match="pre-activations"):
+        noise_statistics(lambda sample: [torch.zeros(2)] * (2 if sample else 1), 3)

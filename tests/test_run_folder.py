@@ -1,0 +1,130 @@
+"""The run-folder API (bnn_course.run_folder) shared by the training and comparison commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from bnn_course.provenance import git_state
+from bnn_course.run_folder import (
+    RunFolderError,
+    atomic_torch_save,
+    atomic_write_text,
+    autocast_dtype,
+    config_differences,
+    data_identity,
+    fast_matmul,
+    identity_differences,
+    prepare_run_folder,
+    provenance,
+    remove_temporaries,
+)
+
+
+def test_atomic_writes_leave_the_old_file_when_they_fail(tmp_path) -> None:
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, json.dumps({"a": 1}))
+    atomic_torch_save(tmp_path / "state.pt", {"x": torch.arange(3)})
+
+    with pytest.raises(AttributeError):  # fails while writing: 3 has no .encode
+        atomic_write_text(path, 3)  # type: ignore[arg-type]
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "state.pt"]
+    assert torch.equal(torch.load(tmp_path / "state.pt")["x"], torch.arange(3))
+
+
+def test_half_written_temporaries_are_removed_and_nothing_else(tmp_path) -> None:
+    crashed = [tmp_path / "checkpoint.pt.partial-x1y2.tmp", tmp_path / "metrics.json.partial-q.tmp"]
+    kept = [tmp_path / "checkpoint.pt", tmp_path / "notes.tmp", tmp_path / "data.partial"]
+    for path in crashed + kept:
+        path.write_bytes(b"123")
+    assert remove_temporaries(tmp_path) == sorted(crashed)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert remove_temporaries(tmp_path / "missing") == []
+
+
+def test_one_folder_holds_one_run(tmp_path) -> None:
+    files = ("checkpoint.pt", "metrics.json")
+    assert prepare_run_folder(tmp_path / "new", files, resume=False, overwrite=False) == []
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="--resume.*--overwrite"):
+        prepare_run_folder(tmp_path, files, resume=False, overwrite=False)
+    prepare_run_folder(tmp_path, files, resume=True, overwrite=False)
+    assert (tmp_path / "metrics.json").exists()
+    prepare_run_folder(tmp_path, files, resume=False, overwrite=True)
+    assert not (tmp_path / "metrics.json").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunFolderError, match="not a folder"):
+        prepare_run_folder(tmp_path / "file", files, resume=False, overwrite=False)
+
+
+def test_config_differences_compare_lists_as_tuples_and_name_every_difference() -> None:
+    saved = {"channels": [4, 8], "lr": 0.1, "device": "cuda"}
+    now = {"channels": (4, 8), "lr": 0.2, "device": "cpu", "seed": 1}
+    assert config_differences(saved, now, ignore=("device",)) == [
+        "lr: saved 0.1, now 0.2", "seed: not saved, now 1"]
+    assert config_differences(saved, {"channels": (4, 8)}) == []
+
+
+def test_data_identity_sees_another_subset_of_the_same_size() -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(40) % 10
+    first = data_identity("src", images[:20], labels[:20], images[20:], labels[20:])
+    assert identity_differences(first, first) == []
+    same_again = data_identity("src", images[:20].clone(), labels[:20], images[20:],
+                               labels[20:])
+    assert identity_differences(first, same_again) == []
+    smaller_test = data_identity("src", images[:20], labels[:20], images[20:30], labels[20:30])
+    assert identity_differences(first, smaller_test) == [
+        "test set: 20 examples saved, 10 now"]
+    assert identity_differences(first, smaller_test, parts=("train",)) == []
+    other_test = data_identity("src", images[:20], labels[:20], images[:20], labels[:20])
+    assert identity_differences(first, other_test) == ["test set: same size (20), other examples"]
+    assert "source" in identity_differences(first, {**first, "source": "elsewhere"})[0]
+
+
+def test_precision_policy_and_tf32_settings_are_restored() -> None:
+    assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), amp=False) is None
+    assert autocast_dtype(torch.device("cpu")) is None
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        with pytest.raises(KeyError), fast_matmul(torch.device("cuda")):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            raise KeyError("an error inside the block")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+        with fast_matmul(torch.device("cpu")):
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_provenance_records_the_commit_and_uncommitted_changes(tmp_path) -> None:
+    def git(*arguments: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}  # not a repository
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    clean = git_state(tmp_path)
+    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False
+    (tmp_path / "untracked.txt").write_text("not code")
+    assert git_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == {"git_commit": clean["git_commit"], "git_dirty": True}
+    record = provenance("cpu", smoke=True, data_source="somewhere", num_test=3)
+    assert record["mode"] == "smoke" and record["num_test"] == 3
+    assert {"git_commit", "git_dirty", "torch", "python", "bnn_course"} <= set(record)
+    assert record["device"].startswith("CPU")
