@@ -1,35 +1,40 @@
-r"""Training throughput of the BayesianCNN, its deterministic twin and bayesian-torch's Flipout CNN.
+r"""Training and Monte Carlo prediction throughput of the BayesianCNN, its twin and bayesian-torch.
 
-The question: what does Bayesian inference with Flipout cost per training step, compared with
-the deterministic network of the same shape, and compared with an off-the-shelf Flipout
-implementation? Targets: ours at least **2x** as fast as bayesian-torch, and the deterministic
-twin at most **2x** as fast as ours.
+The questions: what does Bayesian inference with Flipout cost per training step, compared with
+the deterministic network of the same shape and with an off-the-shelf Flipout implementation;
+does the training engine run as fast as its own step; and what does Monte Carlo prediction
+cost. Targets (:data:`TARGETS`): ours at least **2x** as fast as bayesian-torch and at least
+**0.6x** the deterministic twin in training; the engine within **10%** of the timed loop;
+:math:`S = 8` prediction samples at least **0.4x** the twin's forward throughput per sample.
 
-What is timed (images per second of full training steps, as in :func:`bnn_course.train.train`):
-
-* the data already live on the device as ``uint8`` (a pool of random CIFAR-shaped images);
-  every batch is augmented (random crop and flip, :func:`bnn_course.data.augment`, unless
-  ``--no-augment``) and normalised (:func:`bnn_course.data.normalize`) on the device;
-* forward pass with sampling (one Flipout perturbation per layer and call), under bfloat16
-  autocast with ``--precision bf16``;
-* the loss :math:`\mathrm{NLL} + \mathrm{KL}/N` with :math:`N = 50{,}000` (CIFAR-10's training
-  set); the KL of each model as that model computes it;
-* backward pass and an Adam step.
-
-Timing: ``--warmup`` untimed steps per model, then ``--steps`` timed steps split into
-``--windows`` windows. The models' windows are interleaved (window 1 of every model, then
-window 2, ..., the order rotating), so a change of load on a shared machine hits all of
-them alike. The device is synchronised before and after every window on CUDA (and MPS).
-Reported: the median of the windows' images per second, and their min-max spread.
-
-The three networks, all ``[conv3x3, ReLU, conv3x3, ReLU, maxpool2]`` per entry of
-``channels``, then ``flatten -> dense(hidden) -> ReLU -> dense(classes) -> log-softmax``:
+Training lines (images per second of full training steps): every model is trained by
+:func:`bnn_course.train.training_step`, **the engine's step** (the sampled forward pass
+under the engine's memory format and autocast, NLL + KL/N by
+:func:`bnn_course.elbo.negative_elbo`, backward, Adam), on batches made by the engine's
+:func:`bnn_course.data.iterate_batches` (augmented and normalised on the device) from a pool
+of random ``uint8`` CIFAR-shaped images already on the device. :math:`N = 50{,}000`.
 
 * ``bayesian``: :class:`bnn_course.models.BayesianCNN` (our Flipout layers);
 * ``deterministic``: :class:`bnn_course.models.DeterministicCNN`, its point-estimate twin;
 * ``bayesian-torch``: :class:`BayesianTorchCNN`, the same architecture built from
   ``bayesian_torch.layers.Conv2dFlipout`` and ``LinearFlipout`` (optional package
-  ``bayesian-torch``, ``pip install "bnn-course[bench]"``); skipped when not importable.
+  ``bayesian-torch``, ``pip install "bnn-course[bench]"``); skipped when not importable;
+* ``engine``: the BayesianCNN trained by :func:`bnn_course.train.train` itself, one epoch per
+  window on synthetic images, timed by the engine (its record's ``seconds``: the epoch's
+  training loop, without setup and evaluation). Compared with the ``bayesian`` line it shows
+  what the engine adds around the step (shuffling, learning-rate schedule, logging).
+
+Prediction lines (:func:`bnn_course.evaluation.predict_log_probs`, as chapters 6-8 and the
+corruption and OOD evaluations call it; no autograd state, the device's default batch): our
+network with ``--samples`` weight samples per image and no posterior-mean pass, in images x
+samples per second, against the twin's single forward pass, in images per second.
+
+Timing: ``--warmup`` untimed steps per line, then ``--steps`` timed steps split into
+``--windows`` windows (prediction: one pass over ``--predict-images`` images per window).
+The windows of all lines are interleaved (window 1 of every line, then window 2, ..., the
+order rotating), so a change of load on a shared machine hits all of them alike. The device
+is synchronised around every window on CUDA (and MPS). Reported: the median of the windows'
+rates, and their min-max spread.
 
 bayesian-torch's Flipout is a **different estimator** for convolutions. In
 ``Conv2dFlipout.forward`` (bayesian-torch 0.5.0,
@@ -52,20 +57,26 @@ reading the numbers (they do not change the work per step much):
   ``nn.Conv2d``/``nn.Linear`` (as ours) instead of its default :math:`\mathcal{N}(0, 0.1^2)`;
 * its convolution computes ``x * sign_input`` twice (once into an unused ``x_tmp``).
 
+All lines get the same input batches, in the same memory format (channels-last on the CPU,
+:func:`bnn_course.layers.preferred_memory_format`).
+
 Usage::
 
     python -m benchmarks.throughput                         # auto device, batch 256, fp32
     python -m benchmarks.throughput --precision bf16 --compile --json results.json
-    python -m benchmarks.throughput --device cpu --steps 10 --warmup 2
+    python -m benchmarks.throughput --device cpu --steps 12 --warmup 2 --threads 1
+    python -m benchmarks.throughput --markdown one_thread.json two_threads.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -74,16 +85,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bnn_course.data import augment as augment_images
-from bnn_course.data import normalize
-from bnn_course.elbo import negative_elbo
+from bnn_course.data import iterate_batches, synthetic_cifar10
+from bnn_course.evaluation import predict_log_probs
+from bnn_course.layers import preferred_memory_format
 from bnn_course.models import BayesianCNN, CNNStack, DeterministicCNN
-from bnn_course.provenance import device_description
+from bnn_course.provenance import device_description, git_state
 from bnn_course.seeding import seed_everything
-from bnn_course.train import select_device
+from bnn_course.train import TrainConfig, select_device, train, training_step
 
 MODELS: tuple[str, ...] = ("bayesian", "deterministic", "bayesian-torch")
 """Names accepted by ``--models``, in the order of the table."""
@@ -92,13 +102,23 @@ LABELS: dict[str, str] = {
     "bayesian": "BayesianCNN (ours)",
     "deterministic": "DeterministicCNN",
     "bayesian-torch": "bayesian-torch Flipout CNN",
+    "engine": "engine: train(), ours",
 }
 
-TARGET_OURS_OVER_BAYESIAN_TORCH = 2.0
-"""Ours should train at least this many times as fast as bayesian-torch."""
+TARGETS: dict[str, tuple[str, float]] = {
+    "ours_over_bayesian_torch": (">=", 2.0),
+    "ours_over_deterministic": (">=", 0.6),
+    "engine_over_loop": (">=", 0.9),
+    "prediction_per_sample_over_twin": (">=", 0.4),
+}
+"""Each ratio of the report and its target: ``(comparison, value)``."""
 
-TARGET_DETERMINISTIC_OVER_OURS = 2.0
-"""The deterministic twin should train at most this many times as fast as ours."""
+RATIO_LABELS: dict[str, str] = {
+    "ours_over_bayesian_torch": "ours / bayesian-torch",
+    "ours_over_deterministic": "ours / deterministic",
+    "engine_over_loop": "engine / its step loop",
+    "prediction_per_sample_over_twin": "MC per sample / twin",
+}
 
 NUM_TRAIN = 50_000
 """N in the KL/N of the loss: CIFAR-10's training set."""
@@ -127,14 +147,18 @@ class BayesianTorchCNN(CNNStack):
     Same layers, widths, ReLUs, max pools and log-softmax as
     :class:`bnn_course.models.BayesianCNN` (the same layout,
     :class:`bnn_course.models.CNNStack`); every layer is a ``Conv2dFlipout`` or
-    ``LinearFlipout`` and returns ``(output, kl)``. Its convolutions draw per-pixel signs
-    (see the module docstring): a different estimator from ours.
+    ``LinearFlipout``. Its convolutions draw per-pixel signs (see the module docstring): a
+    different estimator from ours.
+
+    bayesian-torch's layers return their KL term with their output; :meth:`forward` keeps
+    the sum and :meth:`kl_divergence` returns it (what a bayesian-torch user adds to the
+    loss), so the engine's :func:`~bnn_course.train.training_step` trains this network
+    exactly as it trains ours.
 
     Shapes
     ------
-    Input (B, in_channels, image_size, image_size); :meth:`forward` returns
-    ``(log_probs, kl)``: log-probabilities (B, num_classes) in float32 and the sum of the
-    layers' KL terms (a scalar; each layer's term is bayesian-torch's, a mean over weights).
+    Input (B, in_channels, image_size, image_size); :meth:`forward` returns log-probabilities
+    (B, num_classes) in float32.
     """
 
     def __init__(
@@ -160,6 +184,7 @@ class BayesianTorchCNN(CNNStack):
             num_classes=num_classes, in_channels=in_channels, image_size=image_size,
             channels=channels, hidden_features=hidden_features)
         self._reset_means()
+        self.last_kl: torch.Tensor | None = None
 
     def _reset_means(self) -> None:
         """Means as in ``nn.Conv2d``/``nn.Linear`` (and as ours): uniform on 1/sqrt(fan_in)."""
@@ -175,8 +200,15 @@ class BayesianTorchCNN(CNNStack):
         """The Flipout layers, input to output."""
         return self.layers()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Flipout sample: ``(log_probs (B, num_classes), kl scalar)``."""
+    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """One Flipout sample: log-probabilities (B, num_classes); the KL is kept.
+
+        bayesian-torch's layers have no posterior-mean pass: ``sample=False`` is a
+        ``ValueError``.
+        """
+        if not sample:
+            raise ValueError("bayesian-torch's Flipout layers always sample; sample=False is "
+                             "not available for BayesianTorchCNN")
         kls = []
 
         def call(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -187,10 +219,15 @@ class BayesianTorchCNN(CNNStack):
             return output
 
         log_probs = self.run_stages(x, call)
-        return log_probs, torch.stack(kls).float().sum()
+        self.last_kl = torch.stack(kls).float().sum()
+        return log_probs
 
     def kl_divergence(self) -> torch.Tensor:
-        """The layers' KL terms recomputed from the parameters (``kl_loss()``), summed."""
+        """The KL of the last forward pass (the sum of its layers' terms, each a mean over
+        weights, as bayesian-torch computes it); before any pass, recomputed from the
+        parameters by the layers' ``kl_loss()``."""
+        if self.last_kl is not None:
+            return self.last_kl
         return torch.stack([layer.kl_loss() for layer in self.flipout_layers()]).sum()
 
 
@@ -227,7 +264,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return total, (means or total)
 
 
-# ------------------------------------------------------------------------------ timing
+# ------------------------------------------------------------------------ the workloads
 
 
 def _synchronize(device: torch.device) -> None:
@@ -237,15 +274,16 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_train: int) -> torch.Tensor:
-    """NLL + KL/N of one sampled forward pass (:func:`bnn_course.elbo.negative_elbo`, the
-    engine's loss); the KL as the model computes it."""
-    output = model(x)
-    if isinstance(output, tuple):  # bayesian-torch style: (log_probs, kl)
-        log_probs, kl = output
-    else:
-        log_probs, kl = output, model.kl_divergence()
-    return negative_elbo(F.nll_loss(log_probs.float(), y), kl.float(), num_train)
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def random_images(count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random ``uint8`` images (3, 32, 32) and labels in 0..9, on ``device``."""
+    return (torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, device=device),
+            torch.randint(0, 10, (count,), device=device))
 
 
 def make_train_step(
@@ -260,42 +298,113 @@ def make_train_step(
     lr: float = 1e-3,
     pool_batches: int = 4,
 ) -> Callable[[], torch.Tensor]:
-    """A closure running one full training step of ``model`` (already on ``device``).
+    """A closure running one engine training step of ``model`` (already on ``device``).
 
     The images are a pool of ``pool_batches * batch_size`` random ``uint8`` images
-    (3, 32, 32) on ``device`` with random labels, visited batch by batch; each call
-    augments and normalises a batch, computes NLL + KL/N (under bfloat16 autocast for
-    ``precision="bf16"``), backpropagates and takes an Adam step. With ``compile`` the loss
-    computation (forward, NLL, KL) is ``torch.compile``-d; the data transforms and the
-    optimiser step stay eager. Returns the step's loss, detached (no device sync).
+    (3, 32, 32) on ``device`` with random labels, shuffled into batches by the engine's
+    :func:`~bnn_course.data.iterate_batches` (augmented unless ``augment=False``,
+    normalised); each call takes the next batch and runs
+    :func:`bnn_course.train.training_step` with an Adam optimizer (bfloat16 autocast for
+    ``precision="bf16"``; ``compile``: the forward pass ``torch.compile``-d, as the
+    engine's ``compile`` option does). Returns the step's loss, detached (no device sync).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    pool = pool_batches * batch_size
-    images = torch.randint(0, 256, (pool, 3, 32, 32), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (pool,), device=device)
+    dtype = _autocast_dtype(precision)
+    images, labels = random_images(pool_batches * batch_size, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = torch.compile(_loss) if compile else _loss
-    use_autocast = precision == "bf16"
-    position = 0
+    forward = torch.compile(model) if compile else model
+    batches = iter(())
 
     def step() -> torch.Tensor:
-        nonlocal position
-        start = (position % pool_batches) * batch_size
-        position += 1
-        x = images[start:start + batch_size]
-        if augment:
-            x = augment_images(x)
-        x = normalize(x)
-        y = labels[start:start + batch_size]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = loss_fn(model, x, y, num_train)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iterate_batches(images, labels, batch_size, shuffle=True,
+                                      augment=augment, drop_last=True)
+            batch = next(batches)
+        x, y = batch
+        return training_step(model, optimizer, x, y, num_train=num_train, forward=forward,
+                             autocast_dtype=dtype).loss
 
     return step
+
+
+def steps_runner(step: Callable[[], torch.Tensor],
+                 device: torch.device) -> Callable[[int], float]:
+    """``run(n)``: ``n`` calls of ``step`` between two device syncs; returns the seconds.
+    A non-finite loss at the end raises ``FloatingPointError``."""
+
+    def run(count: int) -> float:
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(count):
+            loss = step()
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the training loss became {loss.item()}")
+        return seconds
+
+    return run
+
+
+def engine_runner(
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    augment: bool = True,
+    compile: bool = False,
+    channels: Sequence[int] = (32, 64, 128),
+    hidden_features: int = 256,
+    seed: int = 0,
+) -> Callable[[int], float]:
+    """``run(n)``: one epoch of :func:`bnn_course.train.train` (the BayesianCNN) over ``n``
+    batches of synthetic images; returns the epoch's training seconds as the engine
+    measures them (its record's ``seconds``: the loop, without setup and evaluation).
+
+    The engine decides the autocast itself (bfloat16 on CUDA with ``amp``); with
+    ``precision="bf16"`` on another device it would not match the other lines, so that is
+    a ``ValueError``.
+    """
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError("the engine runs bf16 autocast on CUDA only")
+    config_args = {"model": "bayesian", "epochs": 1, "batch_size": batch_size,
+                   "channels": tuple(channels), "hidden_features": hidden_features,
+                   "augment": augment, "amp": precision == "bf16", "compile": compile,
+                   "eval_samples": 0, "epoch_eval_samples": 0, "progress": False,
+                   "seed": seed, "device": str(device)}
+    pool: dict[int, Any] = {}
+
+    def run(count: int) -> float:
+        if count not in pool:
+            images = count * batch_size
+            data = synthetic_cifar10(train_per_class=-(-images // 10), test_per_class=1,
+                                     seed=seed)
+            pool[count] = dataclasses.replace(data, train_images=data.train_images[:images],
+                                              train_labels=data.train_labels[:images])
+        result = train(TrainConfig(**config_args), pool[count], log=lambda line: None)
+        return float(result.history[0]["seconds"])
+
+    return run
+
+
+def prediction_runner(model: nn.Module, images: torch.Tensor, num_samples: int,
+                      precision: str = "fp32") -> Callable[[int], float]:
+    """``run(n)``: ``n`` calls of :func:`bnn_course.evaluation.predict_log_probs` on
+    ``images`` with ``num_samples`` samples (none: the single ``sample=False`` pass, and
+    no posterior-mean pass otherwise); returns the seconds."""
+    dtype = _autocast_dtype(precision)
+
+    def run(count: int) -> float:
+        _synchronize(images.device)
+        started = time.perf_counter()
+        for _ in range(count):
+            predict_log_probs(model, images, num_samples, autocast_dtype=dtype,
+                              include_mean=num_samples == 0)
+        _synchronize(images.device)
+        return time.perf_counter() - started
+
+    return run
 
 
 def window_sizes(steps: int, windows: int) -> list[int]:
@@ -308,43 +417,38 @@ def window_sizes(steps: int, windows: int) -> list[int]:
 
 
 def time_interleaved(
-    train_steps: dict[str, Callable[[], torch.Tensor]],
-    device: torch.device,
+    runners: dict[str, Callable[[int], float]],
     *,
-    steps: int,
-    warmup: int,
-    windows: int,
+    sizes: dict[str, list[int]],
+    warmup: dict[str, int],
 ) -> dict[str, list[tuple[int, float]]]:
-    """Warm every model up, then time their windows interleaved.
+    """Warm every runner up, then time their windows interleaved.
 
-    Returns ``{name: [(steps in window, seconds), ...]}``. Window ``w`` runs the models in
-    an order rotated by ``w``; the device is synchronised before and after every window.
-    A non-finite loss at the end raises ``FloatingPointError``.
+    ``runners[name](n)`` runs ``n`` units of work and returns the seconds they took;
+    ``sizes[name]`` lists the units per window, ``warmup[name]`` the untimed units first.
+    Window ``w`` runs the lines in an order rotated by ``w``. Returns
+    ``{name: [(units in window, seconds), ...]}``.
     """
-    names = list(train_steps)
-    last: dict[str, torch.Tensor] = {}
+    names = list(runners)
     for name in names:
-        for _ in range(warmup):
-            last[name] = train_steps[name]()
-    _synchronize(device)
+        if warmup[name] > 0:
+            runners[name](warmup[name])
     timings: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
-    for index, size in enumerate(window_sizes(steps, windows)):
+    for index in range(max(len(sizes[name]) for name in names)):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            _synchronize(device)
-            started = time.perf_counter()
-            for _ in range(size):
-                last[name] = train_steps[name]()
-            _synchronize(device)
-            timings[name].append((size, time.perf_counter() - started))
-    for name, loss in last.items():
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{name}: the training loss became {loss.item()}")
+            if index < len(sizes[name]):
+                size = sizes[name][index]
+                timings[name].append((size, runners[name](size)))
     return timings
 
 
 def summarize(windows: list[tuple[int, float]], batch_size: int) -> dict[str, Any]:
-    """Median images/s over the windows, their min, max and spread (max - min) / median."""
+    """Median images/s over the windows, their min, max and spread (max - min) / median.
+
+    ``batch_size``: images per unit of work (a step's batch; for prediction, the images of
+    one pass times the samples).
+    """
     rates = [size * batch_size / seconds for size, seconds in windows]
     median = statistics.median(rates)
     return {
@@ -376,9 +480,9 @@ def measure_training_throughput(
     Parameters
     ----------
     model:
-        A module taking (B, 3, 32, 32) images and returning log-probabilities (with a
-        ``kl_divergence()`` method) or ``(log_probs, kl)``; or a function building one.
-        It is moved to ``device`` and trained in place.
+        A module taking (B, 3, 32, 32) images and returning log-probabilities, with a
+        ``kl_divergence()`` method; or a function building one. It is moved to ``device``
+        and trained in place.
     device:
         ``"auto"`` (CUDA, MPS, CPU) or a device.
 
@@ -395,8 +499,9 @@ def measure_training_throughput(
     model = model.to(device).train()
     step = make_train_step(model, device, batch_size=batch_size, precision=precision,
                            augment=augment, compile=compile, num_train=num_train)
-    timings = time_interleaved({"model": step}, device, steps=steps, warmup=warmup,
-                               windows=windows)
+    timings = time_interleaved({"model": steps_runner(step, device)},
+                               sizes={"model": window_sizes(steps, windows)},
+                               warmup={"model": warmup})
     total, means = parameter_counts(model)
     return {**summarize(timings["model"], batch_size), "parameters": total,
             "mean_parameters": means, "batch_size": batch_size,
@@ -410,6 +515,12 @@ def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
     if numerator is None or denominator is None:
         return None
     return numerator["images_per_second"] / denominator["images_per_second"]
+
+
+def _judge(name: str, value: float | None) -> dict[str, Any]:
+    comparison, target = TARGETS[name]
+    return {"value": value, "target": f"{comparison} {target:g}",
+            "met": None if value is None else value >= target}
 
 
 def run_benchmark(
@@ -426,16 +537,25 @@ def run_benchmark(
     channels: Sequence[int] = (32, 64, 128),
     hidden_features: int = 256,
     seed: int = 0,
+    engine: bool = True,
+    prediction_samples: int = 8,
+    prediction_images: int = 512,
 ) -> dict[str, Any]:
-    """Benchmark ``models`` in one interleaved run on one device; returns the result document.
+    """Benchmark ``models`` (and the engine, and prediction) in one interleaved run on one
+    device; returns the result document.
 
     ``bayesian-torch`` is skipped (and the reason recorded under ``skipped``) when the
-    package does not import. On CUDA, fp32 runs with TF32 matrix products and convolutions
-    allowed (the setting is restored afterwards).
+    package does not import; the engine line needs ``bayesian`` among ``models`` and is
+    skipped for bf16 off CUDA (the engine's autocast is CUDA-only); the prediction lines
+    (``prediction_samples`` > 0) need ``bayesian`` and ``deterministic``. On CUDA, fp32 runs
+    with TF32 matrix products and convolutions allowed (the setting is restored afterwards).
     """
     unknown = [name for name in models if name not in MODELS]
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {MODELS}")
+    if prediction_samples < 0 or prediction_images < 1:
+        raise ValueError(f"prediction_samples ({prediction_samples}) must be >= 0 and "
+                         f"prediction_images ({prediction_images}) positive")
     torch_device = select_device(device)
     bt_version = bayesian_torch_version()
     skipped: dict[str, str] = {}
@@ -444,23 +564,45 @@ def run_benchmark(
         selected.remove("bayesian-torch")
         skipped["bayesian-torch"] = ("bayesian-torch is not installed "
                                      "(pip install 'bnn-course[bench]'); skipped")
+    with_engine = engine and "bayesian" in selected
+    if with_engine and precision == "bf16" and torch_device.type != "cuda":
+        with_engine = False
+        skipped["engine"] = "the engine's bf16 autocast is CUDA-only; skipped"
+    with_prediction = (prediction_samples > 0
+                       and {"bayesian", "deterministic"} <= set(selected))
     tf32 = torch_device.type == "cuda" and precision == "fp32"
     saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     started = time.perf_counter()
+    train_sizes = window_sizes(steps, windows)
     try:
         if tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         built: dict[str, nn.Module] = {}
-        train_steps = {}
+        runners: dict[str, Callable[[int], float]] = {}
+        sizes: dict[str, list[int]] = {}
+        warmups: dict[str, int] = {}
         for name in selected:
             seed_everything(seed)
             built[name] = build_model(name, channels, hidden_features).to(torch_device).train()
-            train_steps[name] = make_train_step(
-                built[name], torch_device, batch_size=batch_size, precision=precision,
-                augment=augment, compile=compile)
-        timings = time_interleaved(train_steps, torch_device, steps=steps, warmup=warmup,
-                                   windows=windows) if selected else {}
+            step = make_train_step(built[name], torch_device, batch_size=batch_size,
+                                   precision=precision, augment=augment, compile=compile)
+            runners[name], sizes[name], warmups[name] = (
+                steps_runner(step, torch_device), train_sizes, warmup)
+        if with_engine:
+            runners["engine"] = engine_runner(
+                torch_device, batch_size=batch_size, precision=precision, augment=augment,
+                compile=compile, channels=channels, hidden_features=hidden_features, seed=seed)
+            sizes["engine"], warmups["engine"] = train_sizes, 0
+            runners["engine"](max(1, warmup))  # compiles, warms the caches
+        if with_prediction:
+            images, _ = random_images(prediction_images, torch_device)
+            for name, samples in (("bayesian", prediction_samples), ("deterministic", 0)):
+                runners[f"predict:{name}"] = prediction_runner(built[name], images, samples,
+                                                               precision)
+                sizes[f"predict:{name}"] = [1] * len(train_sizes)
+                warmups[f"predict:{name}"] = 1
+        timings = time_interleaved(runners, sizes=sizes, warmup=warmups) if runners else {}
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
 
@@ -472,22 +614,36 @@ def run_benchmark(
     ours = results.get("bayesian")
     for result in results.values():
         result["ratio_to_ours"] = _ratio(result, ours)
-    ours_over_bt = _ratio(ours, results.get("bayesian-torch"))
-    det_over_ours = _ratio(results.get("deterministic"), ours)
+    engine_result = None
+    if with_engine:
+        engine_result = {"label": LABELS["engine"], **summarize(timings["engine"], batch_size)}
+        engine_result["ratio_to_ours"] = _ratio(engine_result, ours)
+    prediction: dict[str, dict[str, Any]] = {}
+    if with_prediction:
+        for name, samples in (("bayesian", prediction_samples), ("deterministic", 1)):
+            prediction[name] = {
+                "label": (f"MC: ours, S = {prediction_samples} (images x samples/s)"
+                          if name == "bayesian" else "MC: twin, one forward pass (images/s)"),
+                "samples": samples,
+                **summarize(timings[f"predict:{name}"], prediction_images * samples)}
     return {
-        "benchmark": "training throughput (images/s of full training steps)",
+        "benchmark": "training and MC-prediction throughput (images/s)",
         "device": device_description(torch_device),
         "device_type": torch_device.type,
         "torch": torch.__version__,
         "bayesian_torch": bt_version,
         "python": sys.version.split()[0],
+        **git_state(Path(__file__).resolve().parent),
         "threads": torch.get_num_threads(),
+        "environment": {key: os.environ[key] for key in sorted(os.environ)
+                        if key.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))},
         "precision": "fp32/TF32" if tf32 else ("fp32" if precision == "fp32"
                                                else "bf16 (autocast)"),
+        "memory_format": str(preferred_memory_format(torch_device)).removeprefix("torch."),
         "batch_size": batch_size,
         "steps": steps,
         "warmup": warmup,
-        "windows": len(window_sizes(steps, windows)),
+        "windows": len(train_sizes),
         "augment": augment,
         "compile": compile,
         "channels": list(channels),
@@ -495,19 +651,22 @@ def run_benchmark(
         "num_train": NUM_TRAIN,
         "seed": seed,
         "models": results,
+        "engine": engine_result,
+        "prediction": prediction,
+        "prediction_images": prediction_images,
         "skipped": skipped,
         "ratios": {
-            "ours_over_bayesian_torch": {
-                "value": ours_over_bt, "target": f">= {TARGET_OURS_OVER_BAYESIAN_TORCH:g}",
-                "met": None if ours_over_bt is None
-                else ours_over_bt >= TARGET_OURS_OVER_BAYESIAN_TORCH},
-            "deterministic_over_ours": {
-                "value": det_over_ours, "target": f"<= {TARGET_DETERMINISTIC_OVER_OURS:g}",
-                "met": None if det_over_ours is None
-                else det_over_ours <= TARGET_DETERMINISTIC_OVER_OURS},
+            "ours_over_bayesian_torch": _judge(
+                "ours_over_bayesian_torch", _ratio(ours, results.get("bayesian-torch"))),
+            "ours_over_deterministic": _judge(
+                "ours_over_deterministic", _ratio(ours, results.get("deterministic"))),
+            "engine_over_loop": _judge("engine_over_loop", _ratio(engine_result, ours)),
+            "prediction_per_sample_over_twin": _judge(
+                "prediction_per_sample_over_twin",
+                _ratio(prediction.get("bayesian"), prediction.get("deterministic"))),
         },
         "seconds": time.perf_counter() - started,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -515,48 +674,63 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M"
 
 
-def _ratio_line(label: str, ratio: dict[str, Any], missing: str) -> str:
+def _ratio_line(name: str, ratio: dict[str, Any], missing: str) -> str:
+    label = RATIO_LABELS[name] + ":"
     if ratio["value"] is None:
-        return f"{label:<24} n/a ({missing})"
+        return f"{label:<26} n/a ({missing})"
     verdict = "met" if ratio["met"] else "NOT met"
-    return f"{label:<24} {ratio['value']:5.2f}x  (target {ratio['target']}x: {verdict})"
+    return f"{label:<26} {ratio['value']:5.2f}x  (target {ratio['target']}x: {verdict})"
+
+
+def _rate_row(result: dict[str, Any], counts: str = "", ratio: str = "") -> str:
+    return (f"{result['label']:<44} {counts:>15} {result['images_per_second']:>10.1f} "
+            f"{result['min_images_per_second']:>8.1f}-{result['max_images_per_second']:<8.1f} "
+            f"{result['spread_percent']:>6.1f}% {ratio:>8}")
 
 
 def format_report(document: dict[str, Any]) -> str:
-    """The printed table: header, one row per model, the two target ratios, notes."""
+    """The printed table: header, the training lines, the prediction lines, the ratios."""
     lines = [
-        "Training throughput: full steps (sampled forward, NLL + KL/N, backward, Adam)",
+        "Training throughput: engine steps (sampled forward, NLL + KL/N, backward, Adam)",
         f"device: {document['device']}, torch threads {document['threads']} | "
         f"torch {document['torch']} | batch {document['batch_size']} | "
         f"precision {document['precision']} | augment {'on' if document['augment'] else 'off'}"
-        f" | compile {'on' if document['compile'] else 'off'}",
+        f" | compile {'on' if document['compile'] else 'off'} | "
+        f"memory format {document.get('memory_format', 'contiguous_format')}",
         f"{document['steps']} timed steps in {document['windows']} interleaved windows after "
         f"{document['warmup']} warm-up steps per model; channels "
         f"{tuple(document['channels'])}, hidden {document['hidden_features']}",
         "",
-        f"{'model':<28} {'params (means)':>15} {'images/s':>10} {'windows min-max':>17} "
+        f"{'line':<44} {'params (means)':>15} {'images/s':>10} {'windows min-max':>17} "
         f"{'spread':>7} {'vs ours':>8}",
     ]
     for result in document["models"].values():
         ratio = result["ratio_to_ours"]
         counts = f"{_millions(result['parameters'])} ({_millions(result['mean_parameters'])})"
-        lines.append(
-            f"{result['label']:<28} {counts:>15} "
-            f"{result['images_per_second']:>10.1f} "
-            f"{result['min_images_per_second']:>8.1f}-{result['max_images_per_second']:<8.1f} "
-            f"{result['spread_percent']:>6.1f}% "
-            f"{'n/a' if ratio is None else f'{ratio:.2f}x':>8}")
-    for reason in document["skipped"].values():
-        lines.append(f"{LABELS['bayesian-torch']:<28} {reason}")
+        lines.append(_rate_row(result, counts, "n/a" if ratio is None else f"{ratio:.2f}x"))
+    engine = document.get("engine")
+    if engine is not None:
+        ratio = engine["ratio_to_ours"]
+        lines.append(_rate_row(engine, "", "n/a" if ratio is None else f"{ratio:.2f}x"))
+    for name, reason in document["skipped"].items():
+        lines.append(f"{LABELS[name]:<44} {reason}")
+    prediction = document.get("prediction") or {}
+    if prediction:
+        lines += ["", f"Monte Carlo prediction (predict_log_probs, no autograd), "
+                      f"{document['prediction_images']} images per window"]
+        lines += [_rate_row(result) for result in prediction.values()]
     ratios = document["ratios"]
-    bt_missing = ("bayesian-torch not installed" if "bayesian-torch" in document["skipped"]
-                  else "needs both models")
-    lines += [
-        "",
-        _ratio_line("ours / bayesian-torch:", ratios["ours_over_bayesian_torch"], bt_missing),
-        _ratio_line("deterministic / ours:", ratios["deterministic_over_ours"],
-                    "needs both models"),
-    ]
+    missing = {
+        "ours_over_bayesian_torch": ("bayesian-torch not installed"
+                                     if "bayesian-torch" in document["skipped"]
+                                     else "needs both models"),
+        "ours_over_deterministic": "needs both models",
+        "engine_over_loop": "needs the engine line",
+        "prediction_per_sample_over_twin": "needs the prediction lines",
+    }
+    lines.append("")
+    lines += [_ratio_line(name, ratios[name], missing[name]) for name in TARGETS
+              if name in ratios]
     if document["bayesian_torch"] is not None and "bayesian-torch" in document["models"]:
         lines.append(f"bayesian-torch {document['bayesian_torch']}: per-pixel Flipout signs in "
                      "its convolutions (ours: per example and channel), a different estimator")
@@ -564,11 +738,62 @@ def format_report(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(documents: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of one or more result documents, one column per document.
+
+    Rows: the training lines (images/s), the prediction lines (images x samples/s and
+    images/s) and the target ratios with a check mark when met. The README's speed table
+    is this function's output (``--markdown``).
+    """
+    if not documents:
+        raise ValueError("markdown_table needs at least one result document")
+
+    def header(document: dict[str, Any]) -> str:
+        threads = document["threads"]
+        return (f"{document['device']}, {threads} thread{'s' if threads != 1 else ''}, "
+                f"{document['precision']}")
+
+    def rate(result: dict[str, Any] | None) -> str:
+        return "–" if result is None else f"{result['images_per_second']:.0f}"
+
+    rows: list[tuple[str, list[str]]] = []
+    for name in MODELS:
+        rows.append((f"training: {LABELS[name]} (images/s)",
+                     [rate(d["models"].get(name)) for d in documents]))
+    rows.append((f"training: {LABELS['engine']} (images/s)",
+                 [rate(d.get("engine")) for d in documents]))
+    samples = {d["prediction"]["bayesian"]["samples"] for d in documents
+               if d.get("prediction")}
+    rows.append((f"prediction: ours, S = {'/'.join(map(str, sorted(samples))) or 'n/a'} "
+                 "(images x samples/s)",
+                 [rate((d.get("prediction") or {}).get("bayesian")) for d in documents]))
+    rows.append(("prediction: twin, one forward pass (images/s)",
+                 [rate((d.get("prediction") or {}).get("deterministic")) for d in documents]))
+    for name in TARGETS:
+        comparison, target = TARGETS[name]
+        cells = []
+        for document in documents:
+            ratio = document["ratios"].get(name, {"value": None})
+            cells.append("–" if ratio["value"] is None else
+                         f"{ratio['value']:.2f}x {'✓' if ratio['met'] else '✗'}")
+        rows.append((f"{RATIO_LABELS[name]} (target {comparison} {target:g}x)", cells))
+    lines = ["| | " + " | ".join(header(d) for d in documents) + " |",
+             "|---|" + "---|" * len(documents)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    commits = sorted({f"{d.get('git_commit') or 'unknown'}"[:10]
+                      + ("+dirty" if d.get("git_dirty") else "") for d in documents})
+    lines += ["", f"torch {documents[0]['torch']}, batch {documents[0]['batch_size']}, "
+                  f"commit {', '.join(commits)}; commands: "
+              + "; ".join(f"`{d.get('command', 'n/a')}`" for d in documents)]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.throughput",
         description="Training throughput (images/s) of the BayesianCNN, its deterministic "
-                    "twin and bayesian-torch's Flipout CNN, in one run on one device.")
+                    "twin, bayesian-torch's Flipout CNN and the training engine, and Monte "
+                    "Carlo prediction throughput, in one run on one device.")
     add = parser.add_argument
     add("--device", default="auto",
         help="auto (CUDA, MPS, CPU), cuda, cuda:1, mps or cpu (default: %(default)s)")
@@ -582,10 +807,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=PRECISIONS, default="fp32",
         help="fp32 (TF32 allowed on CUDA) or bf16 autocast (default: %(default)s)")
     add("--compile", action="store_true",
-        help="torch.compile the loss computation (raise --warmup to cover compilation)")
+        help="torch.compile the forward pass (raise --warmup to cover compilation)")
     add("--no-augment", action="store_true", help="no random crops and flips")
     add("--models", nargs="+", choices=MODELS, default=list(MODELS),
         help="which models (default: all; bayesian-torch only when installed)")
+    add("--no-engine", action="store_true", help="leave out the engine line")
+    add("--samples", type=int, default=8,
+        help="weight samples per image of the prediction line; 0 leaves the prediction "
+             "lines out (default: %(default)s)")
+    add("--predict-images", type=int, default=512,
+        help="images per prediction window (default: %(default)s)")
     add("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
         default=(32, 64, 128), metavar="C1,C2,...",
         help="output channels of the convolution blocks (default: 32,64,128)")
@@ -594,19 +825,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.set_num_threads (default: leave PyTorch's default)")
     add("--seed", type=int, default=0, help="default: %(default)s")
     add("--json", metavar="PATH", default=None, help="also save the results as JSON here")
+    add("--markdown", metavar="JSON", nargs="+", default=None,
+        help="print the Markdown table of saved results (one column per file) and exit")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``python -m benchmarks.throughput``; returns the result document."""
+    """Entry point of ``python -m benchmarks.throughput``; returns the result document
+    (with ``--markdown``: ``{"markdown": table}``)."""
     args = build_parser().parse_args(argv)
+    if args.markdown is not None:
+        table = markdown_table([json.loads(Path(path).read_text()) for path in args.markdown])
+        print(table)
+        return {"markdown": table}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     document = run_benchmark(
         args.models, device=args.device, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, windows=args.windows, precision=args.precision,
         augment=not args.no_augment, compile=args.compile, channels=args.channels,
-        hidden_features=args.hidden_features, seed=args.seed)
+        hidden_features=args.hidden_features, seed=args.seed, engine=not args.no_engine,
+        prediction_samples=args.samples, prediction_images=args.predict_images)
     document["command"] = " ".join(
         ["python -m benchmarks.throughput", *(sys.argv[1:] if argv is None else argv)])
     print(format_report(document))

@@ -48,6 +48,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -71,7 +72,7 @@ from bnn_course.metrics import (
     ood_scores,
 )
 from bnn_course.provenance import device_description
-from bnn_course.run_folder import atomic_write_text, autocast_dtype
+from bnn_course.run_folder import atomic_write_text, autocast_dtype, check_output_folder
 from bnn_course.run_folder import config_differences as _differences
 from bnn_course.run_folder import provenance as run_provenance
 from bnn_course.train import (
@@ -129,7 +130,7 @@ def sample_probs_for(
     models: nn.Module | Sequence[nn.Module],
     images: torch.Tensor,
     num_samples: int,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Class probabilities ``(S, N, K)`` of ``method`` for ``uint8`` ``images (N, 3, H, W)``.
@@ -176,7 +177,7 @@ def predict_methods(
     models_by_method: Mapping[str, Sequence[nn.Module]],
     image_sets: Mapping[str, torch.Tensor],
     num_samples: int,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``probs[method][set]``: :func:`sample_probs_for` of every method on every image set.
@@ -285,7 +286,7 @@ def evaluate_corruptions(
     severities: Sequence[int] = SEVERITIES,
     num_samples: int = 4,
     seed: int = 0,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     num_bins: int = NUM_BINS,
 ) -> dict[str, dict[str, float]]:
@@ -382,7 +383,7 @@ def evaluate_methods(
     num_samples: int = 20,
     corruption_samples: int | None = None,
     seed: int = 0,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     num_bins: int = NUM_BINS,
 ) -> list[dict[str, Any]]:
@@ -662,7 +663,11 @@ def train_methods(
             model = result.model.eval()
             last = result.history[-1]
             why = "; ".join(reasons) if reasons else "no checkpoint given"
-            origins[name] = (f"trained here: {config.epochs} epochs in {seconds[name]:.1f} s "
+            done_before = int(saved["epoch"]) if resume else 0
+            epochs = (f"epochs {done_before + 1}-{config.epochs} (resumed after epoch "
+                      f"{done_before})" if 0 < done_before < config.epochs
+                      else f"{config.epochs} epochs")
+            origins[name] = (f"trained here: {epochs} in {seconds[name]:.1f} s "
                              f"({last['images_per_second']:,.0f} images/s in the last epoch), "
                              f"because {why}")
         models[method].append(model)
@@ -699,6 +704,14 @@ _NOT_FLAGS = ("model", "epoch_eval_samples", "eval_samples")
 comparison's own ``--eval-samples`` replaces the two evaluation fields."""
 
 
+def _severities(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers in 1..5 such as "
+                                         f"1,3,5, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m bnn_course.comparison``: the comparison's own flags, and one
     flag per :class:`TrainConfig` field except ``model`` and the evaluation sample counts
@@ -729,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples on each corrupted set (default: %(default)s)")
     add("--corruptions", type=_names, default=tuple(CORRUPTIONS), metavar="NAME,...",
         help="corruptions of bnn_course.corruptions, or 'none' (default: all)")
-    add("--severities", type=lambda t: tuple(int(s) for s in _names(t)), default=SEVERITIES,
+    add("--severities", type=_severities, default=SEVERITIES,
         metavar="1,2,...", help="default: 1,2,3,4,5")
     add("--ood-sets", type=_names, default=None, metavar="NAME,...",
         help="keep only these of the OOD sets that can be loaded (default: all)")
@@ -762,15 +775,45 @@ def _main(argv: list[str]) -> dict[str, Any]:
         parser.set_defaults(**SMOKE_DEFAULTS)
     args = parser.parse_args(argv)
     corruptions = () if args.corruptions in (("none",), ()) else args.corruptions
+    if not args.methods:
+        parser.error(f"--methods needs at least one of {','.join(METHODS)}")
+    # Checked here, not after minutes of training: what the evaluation would refuse.
+    sampled = [m for m in ("bayesian", "mc_dropout") if m in args.methods]
+    if sampled and args.eval_samples < 1:
+        parser.error(f"--eval-samples must be >= 1 for {', '.join(sampled)}, "
+                     f"got {args.eval_samples}")
+    if sampled and corruptions and args.corruption_samples < 1:
+        parser.error(f"--corruption-samples must be >= 1 for {', '.join(sampled)}, "
+                     f"got {args.corruption_samples}")
+    unknown_corruptions = [name for name in corruptions if name not in CORRUPTIONS]
+    if unknown_corruptions:
+        parser.error(f"--corruptions: unknown {unknown_corruptions}; choose from "
+                     f"{','.join(CORRUPTIONS)} or none")
+    bad_severities = [s for s in args.severities if s not in SEVERITIES]
+    if corruptions and (bad_severities or not args.severities):
+        parser.error(f"--severities must be among {','.join(map(str, SEVERITIES))}, got "
+                     f"{','.join(map(str, args.severities)) or 'none'}")
+    if "mc_dropout" in args.methods and not args.dropout > 0:
+        parser.error(f"mc_dropout needs --dropout > 0, got {args.dropout}")
+    from bnn_course.ood import OOD_SET_NAMES
+
+    unknown_sets = [name for name in args.ood_sets or () if name not in OOD_SET_NAMES]
+    if unknown_sets:
+        parser.error(f"--ood-sets: unknown {unknown_sets}; choose from "
+                     f"{','.join(OOD_SET_NAMES)}")
     checkpoints = {}
     for item in args.reuse:
         name, _, path = item.partition("=")
         if not path:
             parser.error(f"--reuse expects RUN=PATH, got {item!r}")
+        if name not in METHODS and not re.fullmatch(r"ensemble-\d+", name):
+            parser.error(f"--reuse: unknown run {name!r}; runs are {', '.join(METHODS)} "
+                         "and ensemble-0, ensemble-1, ...")
         checkpoints[name] = path
 
     base = base_config_from_arguments(args)
     device = select_device(base.device)  # before the data are loaded: fails fast
+    check_output_folder(args.out)
     data = load_cifar10(args.data, smoke=smoke, device=device,
                         allow_download=not args.no_download)
     if args.test_subset is not None:
@@ -788,6 +831,8 @@ def _main(argv: list[str]) -> dict[str, Any]:
                             args.severities)
     print(caption)
 
+    # An older comparison.json would describe other networks once any is (re)trained here.
+    (Path(args.out) / COMPARISON_NAME).unlink(missing_ok=True)
     trained = train_methods(data, base, args.methods, args.ensemble_size, out_dir=args.out,
                             checkpoints=checkpoints)
     evaluation_started = time.perf_counter()

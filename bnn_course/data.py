@@ -817,7 +817,12 @@ def load_cifar10(root: str | os.PathLike | None = None, *, smoke: bool | None = 
         if per_class is None:
             continue
         if capped[split]:
-            per_class = min(per_class, int(torch.bincount(labels, minlength=10).min()))
+            counts = torch.bincount(labels, minlength=10)
+            absent = [CLASSES[c] for c in range(10) if counts[c] == 0]
+            if absent:  # else: "n=0 must be a positive multiple", naming nothing
+                raise ValueError(f"the {split} set of {source} has no images of the classes "
+                                 f"{absent}; a smoke-mode subset needs every class")
+            per_class = min(per_class, int(counts.min()))
         splits[split] = stratified_subset(images, labels, 10 * per_class)
         subsets.append(f"{per_class} {split}")
     if subsets:

@@ -19,12 +19,27 @@ Reported per set: accuracy and mean negative log-likelihood
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bnn_course.data import normalize
+from bnn_course.layers import preferred_memory_format
+
+PREDICTION_BATCH_SIZES = {"cpu": 256, "cuda": 4096, "mps": 1024}
+"""Default images per forward pass of :func:`predict_log_probs`, by device type.
+
+On the CPU a batch whose activations stay in the caches is fastest (256 ran the
+seed-sized networks 1.5-2x faster than 1000 or 2000 images, one thread); a GPU wants the
+largest batch that fits, and without autograd state 4096 CIFAR images need about
+0.5 GB per activation tensor of the first block."""
+
+
+def prediction_batch_size(device: torch.device | str) -> int:
+    """:data:`PREDICTION_BATCH_SIZES` for ``device``'s type (1000 for any other)."""
+    return PREDICTION_BATCH_SIZES.get(torch.device(device).type, 1000)
 
 
 @torch.no_grad()
@@ -32,11 +47,15 @@ def predict_log_probs(
     model: nn.Module,
     images: torch.Tensor,
     num_samples: int,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     include_mean: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Posterior-mean and per-sample log-probabilities for ``images``.
+
+    Forward passes only: no autograd state, each batch normalised once and laid out as
+    :func:`~bnn_course.layers.preferred_memory_format` says, then passed through the
+    network ``num_samples`` times (and once more with the means if ``include_mean``).
 
     Parameters
     ----------
@@ -46,6 +65,8 @@ def predict_log_probs(
         ``uint8`` ``(N, 3, H, W)`` on the model's device (normalised here, batch by batch).
     num_samples:
         Number :math:`S \\ge 0` of stochastic passes.
+    batch_size:
+        Images per pass; ``None``: :func:`prediction_batch_size` of ``images``' device.
     autocast_dtype:
         Run the passes under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16`` on
         CUDA); ``None`` for full precision.
@@ -62,13 +83,20 @@ def predict_log_probs(
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if num_samples == 0 and not include_mean:
         raise ValueError("nothing to predict: num_samples is 0 and include_mean is False")
+    if batch_size is None:
+        batch_size = prediction_batch_size(images.device)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     was_training = model.training
     model.eval()
     means, samples = [], []
     device_type = images.device.type
+    memory_format = preferred_memory_format(images.device)
     try:
         for start in range(0, images.shape[0], batch_size):
             x = normalize(images[start:start + batch_size])
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 if include_mean:
@@ -94,9 +122,8 @@ def mc_log_predictive(sample_log_probs: torch.Tensor) -> torch.Tensor:
     if sample_log_probs.dim() != 3 or sample_log_probs.shape[0] == 0:
         raise ValueError("expected sample log-probabilities of shape (S >= 1, N, K), got "
                          f"{tuple(sample_log_probs.shape)}")
-    num_samples = sample_log_probs.shape[0]
-    return torch.logsumexp(sample_log_probs, dim=0) - torch.log(
-        torch.tensor(float(num_samples), device=sample_log_probs.device))
+    # log S as a Python float: a float32 tensor would cost float64 inputs ~1e-8 of accuracy
+    return torch.logsumexp(sample_log_probs, dim=0) - math.log(sample_log_probs.shape[0])
 
 
 def classification_summary(log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -119,7 +146,7 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     num_samples: int,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Posterior-mean and MC-averaged accuracy, NLL and predictive entropy.

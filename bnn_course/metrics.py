@@ -116,7 +116,12 @@ def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    r""":math:`\frac1N \sum_n \sum_k (p_{nk} - [y_n = k])^2`, summed over classes (0..2)."""
+    r""":math:`\frac1N \sum_n \sum_k (p_{nk} - [y_n = k])^2`, summed over classes (0..2).
+
+    This is :func:`sklearn.metrics.brier_score_loss` ``(y, probs, labels=range(K))`` for
+    :math:`K > 2`; for two classes scikit-learn's default halves it (``scale_by_half``),
+    the binary Brier score of the positive class. ``torchmetrics`` has no Brier score.
+    """
     p, y = _check_labelled(probs, labels)
     one_hot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
     return (p - one_hot).cpu().double().pow(2).sum(-1).mean().item()

@@ -1,7 +1,8 @@
 """Small helpers for the book's notebooks that also work in Colab.
 
 * :func:`glue` stores a number for the prose (MyST-NB's ``glue``) when MyST-NB is installed,
-  and simply displays it otherwise (Colab), so no cell fails for a reader.
+  and simply displays it otherwise (Colab), so no cell fails for a reader; :func:`glue_text`
+  does the same for a verdict in words.
 * :func:`show_source` displays the source of a ``bnn_course`` object, so a chapter shows the
   exact code it tests and uses.
 """
@@ -22,6 +23,26 @@ def glue(name: str, value: Any, display: bool = False) -> None:
         ipython_display(f"{name} = {value}")
         return
     myst_glue(name, value, display=display)
+
+
+class _PlainText:
+    """A string whose ``repr`` is itself, so that ``{glue:text}`` shows it without quotes."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def glue_text(name: str, text: str) -> None:
+    """Glue a sentence fragment (a verdict that depends on the run) for ``{glue:text}``.
+
+    :func:`glue` of a ``str`` would show its ``repr``, quotes included.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"glue_text expects a str, got {type(text).__name__}")
+    glue(name, _PlainText(text))
 
 
 def show_source(obj: Any) -> Any:
@@ -54,7 +75,9 @@ def use_book_style() -> None:
         "xtick.labelsize": 11,
         "ytick.labelsize": 11,
         "legend.fontsize": 11,
-        "svg.fonttype": "none",  # text stays text in the SVG: smaller, selectable
+        # Glyphs as paths (matplotlib's default): math text uses fonts such as STIX that a
+        # browser does not have, and as text they would show as empty boxes.
+        "svg.fonttype": "path",
     })
     try:
         from matplotlib_inline.backend_inline import set_matplotlib_formats

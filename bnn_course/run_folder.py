@@ -81,6 +81,24 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_output_folder(folder: str | os.PathLike) -> None:
+    """:class:`RunFolderError` unless ``folder`` is, or can be created as, a writable folder:
+    checked before any work, so that a bad ``--out`` fails fast and creates nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} exists and is not a folder; choose another output "
+                             "folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"{folder} cannot be created: {existing} is a file, not a "
+                             "folder; choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{folder} cannot be written: no write permission in "
+                             f"{existing}; choose another output folder")
+
+
 def prepare_run_folder(folder: str | os.PathLike, run_files: Sequence[str], *,
                        resume: bool, overwrite: bool) -> list[Path]:
     """Make ``folder`` ready for a run whose files are named ``run_files``.
@@ -94,9 +112,7 @@ def prepare_run_folder(folder: str | os.PathLike, run_files: Sequence[str], *,
     Returns the temporary files that were removed.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise RunFolderError(f"{folder} exists and is not a folder; choose another output "
-                             "folder")
+    check_output_folder(folder)
     removed = remove_temporaries(folder)
     present = [folder / name for name in run_files if (folder / name).exists()]
     if present and overwrite:

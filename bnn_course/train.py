@@ -14,7 +14,8 @@ the :math:`1/N`). It is :func:`bnn_course.elbo.negative_elbo`, the loss of chapt
 terms are logged separately.
 
 :func:`train` reads as its parts: :func:`_setup` (seed, data, model, optimizer),
-:func:`_restore` (resume from a checkpoint), :func:`_train_one_epoch`,
+:func:`_restore` (resume from a checkpoint), :func:`_train_one_epoch` (each of its steps
+is :func:`training_step`, the step ``benchmarks/throughput.py`` times),
 :func:`_evaluate_epoch`, :func:`_check_finite` and :func:`_checkpoint_state`.
 
 * Device: CUDA when present, then Apple's MPS, then the CPU. On CUDA the forward pass runs
@@ -42,6 +43,7 @@ import json
 import math
 import operator
 import os
+import re
 import sys
 import time
 import typing
@@ -58,6 +60,7 @@ from bnn_course import config as run_config
 from bnn_course.data import CIFAR10Data, iterate_batches, load_cifar10, stratified_subset
 from bnn_course.elbo import KL_SCALINGS, negative_elbo
 from bnn_course.evaluation import evaluate
+from bnn_course.layers import preferred_memory_format
 from bnn_course.models import BayesianCNN, DeterministicCNN
 from bnn_course.provenance import device_description
 from bnn_course.run_folder import (
@@ -149,6 +152,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -161,7 +168,9 @@ def _config_problems(config: TrainConfig) -> list[str]:
     except TypeError:
         pass  # reported below
     c = config
+    # Finite, and small enough for float32, in which the parameters and the prior live.
     finite = {name: _is_number(getattr(c, name)) and math.isfinite(getattr(c, name))
+              and abs(getattr(c, name)) <= FLOAT32_MAX
               for name in ("lr", "kl_weight", "kl_warmup_epochs", "dropout", "init_log_sigma",
                            "prior_sigma")}
     checks = {
@@ -172,13 +181,17 @@ def _config_problems(config: TrainConfig) -> list[str]:
         "kl_scaling": (c.kl_scaling in KL_SCALINGS, f"one of {KL_SCALINGS}"),
         "epochs": (_is_int(c.epochs) and c.epochs >= 1, "an integer >= 1"),
         "batch_size": (_is_int(c.batch_size) and c.batch_size >= 1, "an integer >= 1"),
-        "lr": (finite["lr"] and c.lr > 0, "a finite number > 0"),
-        "kl_weight": (finite["kl_weight"] and c.kl_weight >= 0, "a finite number >= 0"),
+        "lr": (finite["lr"] and c.lr > 0, "a finite float32 number > 0"),
+        "kl_weight": (finite["kl_weight"] and c.kl_weight >= 0,
+                      "a finite float32 number >= 0"),
         "kl_warmup_epochs": (finite["kl_warmup_epochs"] and c.kl_warmup_epochs >= 0,
                              "a finite number >= 0"),
         "dropout": (finite["dropout"] and 0 <= c.dropout < 1, "a number in [0, 1)"),
-        "init_log_sigma": (finite["init_log_sigma"], "a finite number"),
-        "prior_sigma": (finite["prior_sigma"] and c.prior_sigma > 0, "a finite number > 0"),
+        # sigma = exp(init_log_sigma) must be a normal float32 number, not 0 or inf.
+        "init_log_sigma": (finite["init_log_sigma"] and abs(c.init_log_sigma) <= 80,
+                           "a number in [-80, 80]"),
+        "prior_sigma": (finite["prior_sigma"] and FLOAT32_TINY <= c.prior_sigma,
+                        f"a number in [{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}] (float32)"),
         "channels": (isinstance(c.channels, tuple) and len(c.channels) > 0
                      and all(_is_int(n) and n >= 1 for n in c.channels),
                      "a non-empty sequence of integers >= 1, e.g. (32, 64, 128)"),
@@ -190,7 +203,8 @@ def _config_problems(config: TrainConfig) -> list[str]:
         "epoch_eval_samples": (_is_int(c.epoch_eval_samples) and c.epoch_eval_samples >= 0,
                                "an integer >= 0"),
         "eval_samples": (_is_int(c.eval_samples) and c.eval_samples >= 0, "an integer >= 0"),
-        "seed": (_is_int(c.seed) and c.seed >= 0, "an integer >= 0"),
+        # torch.manual_seed takes a 64-bit integer.
+        "seed": (_is_int(c.seed) and 0 <= c.seed < 2**63, "an integer in [0, 2**63)"),
         "log_interval": (_is_int(c.log_interval) and c.log_interval >= 1, "an integer >= 1"),
         "device": (isinstance(c.device, str) and c.device.strip() != "",
                    "a device name such as auto, cpu or cuda"),
@@ -344,7 +358,35 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path} has no configuration dict")
     state["config"] = dataclasses.asdict(config_from_dict(state["config"], path))
+    malformed = _malformed_fields(state)
+    if malformed:
+        raise CheckpointError(f"{path} has malformed checkpoint fields ({'; '.join(malformed)})"
+                              "; it was not written by bnn_course.train.train (or was "
+                              "edited). Delete it to start afresh.")
     return state
+
+
+def _malformed_fields(state: dict[str, Any]) -> list[str]:
+    """What is wrong with the types of a checkpoint's entries (:data:`CHECKPOINT_FIELDS`),
+    so that a damaged file is a :class:`CheckpointError`, not a ``KeyError`` in resuming."""
+    epochs = state["config"]["epochs"]
+    epoch, rng, history = state["epoch"], state["rng"], state["history"]
+    byte_tensor = (lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8)  # noqa: E731
+    checks = {
+        "epoch": _is_int(epoch) and 0 <= epoch <= epochs,
+        "model": isinstance(state["model"], dict)
+        and all(isinstance(t, torch.Tensor) for t in state["model"].values()),
+        "optimizer": isinstance(state["optimizer"], dict)
+        and {"state", "param_groups"} <= set(state["optimizer"]),
+        "history": isinstance(history, list) and len(history) == epoch
+        and all(isinstance(record, dict) for record in history),
+        "rng": isinstance(rng, dict) and byte_tensor(rng.get("shuffle"))
+        and byte_tensor(rng.get("torch")) and (rng.get("cuda") is None
+                                              or byte_tensor(rng.get("cuda"))),
+        "data_source": isinstance(state["data_source"], str),
+        "data_identity": isinstance(state.get("data_identity", {}), dict),
+    }
+    return [name for name, ok in checks.items() if not ok]
 
 
 def _restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -480,16 +522,73 @@ def _restore(run: _Run, path: Path) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.history = list(state["history"])
     run.start_epoch = int(state["epoch"])
-    run.generator.set_state(state["rng"]["shuffle"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if run.device.type == "cuda" and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    try:
+        run.generator.set_state(state["rng"]["shuffle"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if run.device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} holds a damaged random-number state: "
+                              f"{_one_line(error)}") from error
 
 
 def _kl_term(run: _Run, kl: torch.Tensor, warmup: float) -> torch.Tensor:
     """The KL part of the loss, :func:`~bnn_course.elbo.negative_elbo` with a zero NLL."""
     return negative_elbo(0.0, kl.detach(), run.num_train, kl_scaling=run.config.kl_scaling,
                          kl_weight=run.config.kl_weight * warmup)
+
+
+class StepResult(typing.NamedTuple):
+    """What :func:`training_step` returns, every tensor detached."""
+
+    log_probs: torch.Tensor
+    """(B, K) log-probabilities of the sampled forward pass, float32."""
+    nll: torch.Tensor
+    """The batch's mean negative log-likelihood (a scalar)."""
+    kl: torch.Tensor
+    """``model.kl_divergence()``, unscaled (a scalar)."""
+    loss: torch.Tensor
+    """The loss that was minimised, :func:`~bnn_course.elbo.negative_elbo` (a scalar)."""
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_train: int,
+    forward: Callable[..., torch.Tensor] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    kl_scaling: str = "per_example",
+    kl_weight: float = 1.0,
+) -> StepResult:
+    """One optimisation step on the batch ``(x, y)``: the engine's step, and the benchmark's.
+
+    ``x`` (B, C, H, W), normalised, is laid out in
+    :func:`~bnn_course.layers.preferred_memory_format` (channels-last on the CPU); the
+    sampled forward pass ``forward(x, sample=True)`` (``forward`` defaults to ``model``; the
+    engine passes the compiled model with ``compile``) runs under ``autocast_dtype``
+    autocast; the loss is :func:`~bnn_course.elbo.negative_elbo` of the NLL of labels ``y``
+    (B,) and ``model.kl_divergence()``, with ``kl_scaling`` and ``kl_weight`` (the KL
+    warm-up folded in); then backward and ``optimizer.step()``. No device sync.
+    """
+    if x.shape[:1] != y.shape:
+        raise ValueError(f"training_step needs one label per example: x {tuple(x.shape)}, "
+                         f"y {tuple(y.shape)}")
+    forward = model if forward is None else forward
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=preferred_memory_format(x.device))
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        log_probs = forward(x, sample=True)
+    nll = F.nll_loss(log_probs.float(), y)
+    kl = model.kl_divergence()
+    loss = negative_elbo(nll, kl, num_train, kl_scaling=kl_scaling, kl_weight=kl_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return StepResult(log_probs.detach(), nll.detach(), kl.detach(), loss.detach())
 
 
 def _train_one_epoch(run: _Run, forward: nn.Module, epoch: int) -> dict[str, Any]:
@@ -514,16 +613,10 @@ def _train_one_epoch(run: _Run, forward: nn.Module, epoch: int) -> dict[str, Any
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(config, step, total_steps)
             warmup = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-            with torch.autocast(device.type, dtype=run.autocast_dtype or torch.bfloat16,
-                                enabled=run.autocast_dtype is not None):
-                log_probs = forward(x, sample=True)
-            nll = F.nll_loss(log_probs.float(), y)
-            kl_value = run.model.kl_divergence()
-            loss = negative_elbo(nll, kl_value, num_train, kl_scaling=config.kl_scaling,
-                                 kl_weight=config.kl_weight * warmup)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
+            log_probs, nll, kl_value, loss = training_step(
+                run.model, run.optimizer, x, y, num_train=num_train, forward=forward,
+                autocast_dtype=run.autocast_dtype, kl_scaling=config.kl_scaling,
+                kl_weight=config.kl_weight * warmup)
             with torch.no_grad():
                 sums += torch.stack([nll.detach().double() * y.shape[0],
                                      (log_probs.argmax(-1) == y).sum().double(),
@@ -727,7 +820,17 @@ or folder, a foreign checkpoint, a divergence, an occupied output folder)."""
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line, ``error: ...``, exit status 2."""
+    """An ``ArgumentParser`` whose usage errors are one line, ``error: ...``, exit status 2.
+
+    Negative numbers in scientific notation (``--init-log-sigma -1e-3``) and ``-inf`` are
+    read as values, as argparse already reads ``-5`` and ``-0.5``; none of our flags looks
+    like them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.IGNORECASE)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -885,6 +988,8 @@ def _main(argv: list[str]) -> dict[str, Any]:
     recipe, _ = parser.parse_known_args(argv)
     parser.set_defaults(**RECIPES[recipe.recipe])
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:  # --overwrite would delete what --resume continues
+        parser.error("--resume and --overwrite exclude each other")
     config = config_from_arguments(args)
     smoke = bool(args.smoke) or run_config.is_smoke()
     # Before the data are loaded, so that these fail fast: a bad device, an occupied folder.

@@ -35,8 +35,17 @@ needs_bayesian_torch = pytest.mark.skipif(
     reason="optional package bayesian-torch not installed (pip install 'bnn-course[bench]')")
 
 TINY = ["--device", "cpu", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-        "--windows", "2", "--channels", "4,8", "--hidden-features", "16"]
+        "--windows", "2", "--channels", "4,8", "--hidden-features", "16", "--samples", "3",
+        "--predict-images", "12"]
 
+
+
+def _check_timing(result: dict, steps: int, windows: int) -> None:
+    assert result["timed_steps"] == steps
+    assert len(result["window_images_per_second"]) == windows
+    assert result["images_per_second"] > 0 and result["timed_seconds"] > 0
+    assert (result["min_images_per_second"] <= result["images_per_second"]
+            <= result["max_images_per_second"])
 
 
 def _check_result(result: dict, batch_size: int, steps: int, windows: int) -> None:
@@ -64,10 +73,30 @@ def test_main_prints_the_table_and_saves_consistent_results(tmp_path, capsys) ->
     assert models["bayesian"]["ratio_to_ours"] == 1.0
     assert models["deterministic"]["ratio_to_ours"] == pytest.approx(
         models["deterministic"]["images_per_second"] / ours)
-    det_over_ours = document["ratios"]["deterministic_over_ours"]
-    assert det_over_ours["value"] == pytest.approx(
-        models["deterministic"]["images_per_second"] / ours)
-    assert det_over_ours["met"] == (det_over_ours["value"] <= 2.0)
+    ours_over_det = document["ratios"]["ours_over_deterministic"]
+    assert ours_over_det["value"] == pytest.approx(
+        ours / models["deterministic"]["images_per_second"])
+    assert ours_over_det["met"] == (ours_over_det["value"] >= 0.6)
+    engine = document["engine"]
+    _check_timing(engine, steps=2, windows=2)
+    engine_ratio = document["ratios"]["engine_over_loop"]
+    assert engine_ratio["value"] == pytest.approx(engine["images_per_second"] / ours)
+    assert engine_ratio["met"] == (engine_ratio["value"] >= 0.9)
+    prediction = document["prediction"]
+    assert prediction["bayesian"]["samples"] == 3 and prediction["deterministic"]["samples"] == 1
+    for result in prediction.values():
+        _check_timing(result, steps=2, windows=2)
+    # One window = one pass over the images: images x samples / seconds.
+    first_window = prediction["bayesian"]["timed_seconds"] / 2
+    assert 0 < first_window
+    mc_ratio = document["ratios"]["prediction_per_sample_over_twin"]
+    assert mc_ratio["value"] == pytest.approx(prediction["bayesian"]["images_per_second"]
+                                              / prediction["deterministic"]["images_per_second"])
+    assert mc_ratio["met"] == (mc_ratio["value"] >= 0.4)
+    for key in ("git_commit", "git_dirty", "torch", "threads", "precision", "device",
+                "memory_format"):
+        assert key in document
+    assert document["memory_format"] == "channels_last"
     ours_over_bt = document["ratios"]["ours_over_bayesian_torch"]
     if HAS_BAYESIAN_TORCH:
         assert ours_over_bt["value"] == pytest.approx(
@@ -82,7 +111,8 @@ def test_main_prints_the_table_and_saves_consistent_results(tmp_path, capsys) ->
     assert document["precision"] == "fp32" and document["device_type"] == "cpu"
     assert document["command"].endswith(" ".join([*TINY, "--threads", "1", "--json",
                                                   str(path)]))
-    for text in ("images/s", "vs ours", "ours / bayesian-torch:", "deterministic / ours:",
+    for text in ("images/s", "vs ours", "ours / bayesian-torch:", "ours / deterministic:",
+                 "engine / its step loop:", "MC per sample / twin:", "MC: ours, S = 3",
                  f"torch {torch.__version__}", "batch 8", "precision fp32",
                  document["device"], "BayesianCNN (ours)", "DeterministicCNN"):
         assert text in printed, text
@@ -97,10 +127,13 @@ def test_missing_bayesian_torch_is_said_and_skipped(monkeypatch) -> None:
     assert "not installed" in document["skipped"]["bayesian-torch"]
     assert document["bayesian_torch"] is None
     assert document["ratios"]["ours_over_bayesian_torch"]["value"] is None
-    assert document["ratios"]["deterministic_over_ours"]["value"] is None
+    assert document["ratios"]["ours_over_deterministic"]["value"] is None
+    assert document["prediction"] == {}  # needs the twin
+    assert document["engine"] is not None
     report = throughput.format_report(document)
     assert "n/a (bayesian-torch not installed)" in report
-    assert "deterministic / ours:    n/a (needs both models)" in report
+    assert "ours / deterministic:      n/a (needs both models)" in report
+    assert "MC per sample / twin:      n/a (needs the prediction lines)" in report
 
 
 def test_measure_one_model_from_a_builder_in_bf16() -> None:
@@ -144,13 +177,22 @@ def test_bayesian_torch_cnn_gives_log_probs_and_a_positive_kl() -> None:
     seed_everything(123)
     model = build_bayesian_torch_cnn(channels=(4, 8), hidden_features=16)
     x = torch.randn(5, 3, 32, 32)
-    log_probs, kl = model(x)
+    recomputed = model.kl_divergence()  # before a pass: from the parameters
+    log_probs = model(x)
+    kl = model.kl_divergence()  # the KL its layers returned with the pass
     assert log_probs.shape == (5, 10) and log_probs.dtype == torch.float32
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(5))
     assert kl.dim() == 0 and math.isfinite(kl.item()) and kl.item() > 0
+    assert kl.requires_grad
     # The KL returned by the forward pass is the one its layers compute from the parameters.
-    torch.testing.assert_close(kl, model.kl_divergence())
-    assert not torch.equal(log_probs, model(x)[0])  # every call draws a new sample
+    torch.testing.assert_close(kl, recomputed)
+    torch.testing.assert_close(kl, torch.stack([layer.kl_loss()
+                                                for layer in model.flipout_layers()]).sum())
+    assert not torch.equal(log_probs, model(x))  # every call draws a new sample
+    with pytest.raises(ValueError, match="always sample"):
+        model(x, sample=False)
+    log_probs = model(x)
+    kl = model.kl_divergence()
     loss = F.nll_loss(log_probs, torch.zeros(5, dtype=torch.long)) + kl / 50_000
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -206,3 +248,83 @@ def test_bayesian_torch_convolution_signs_are_per_pixel() -> None:
     spatial_std = lambda out: out.flatten(2).std(-1)  # noqa: E731  (B, C_out)
     assert spatial_std(our_out).max().item() < 1e-5
     assert spatial_std(their_out).min().item() > 1e-3
+
+
+def test_the_benchmark_trains_with_the_engines_step(monkeypatch) -> None:
+    """The benchmark measures what the engine does: both call train.training_step."""
+    import bnn_course.train as engine
+
+    assert throughput.training_step is engine.training_step
+    calls: list[tuple[bool, int]] = []
+    real_step = engine.training_step
+
+    def counting_step(model, optimizer, x, y, **kwargs):
+        calls.append((x.is_contiguous(memory_format=torch.channels_last), x.shape[0]))
+        return real_step(model, optimizer, x, y, **kwargs)
+
+    monkeypatch.setattr(engine, "training_step", counting_step)
+    monkeypatch.setattr(throughput, "training_step", counting_step)
+    run = throughput.engine_runner(torch.device("cpu"), batch_size=4, channels=(4,),
+                                   hidden_features=8)
+    assert run(3) > 0
+    assert calls == [(False, 4)] * 3  # the engine hands NCHW batches to the step ...
+    calls.clear()
+    model = BayesianCNN(channels=(4,), hidden_features=8)
+    seen: list[bool] = []
+    model.convs[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(
+            memory_format=torch.channels_last)))
+    step = make_train_step(model, torch.device("cpu"), batch_size=4, pool_batches=2)
+    for _ in range(3):
+        step()
+    assert [n for _, n in calls] == [4, 4, 4]
+    assert seen == [True] * 3  # ... and the step lays them out channels-last on the CPU
+
+
+def test_markdown_table_from_saved_results(tmp_path, capsys) -> None:
+    paths = []
+    for threads in (1, 2):
+        path = tmp_path / f"t{threads}.json"
+        main([*TINY, "--threads", str(threads), "--json", str(path), "--models", "bayesian",
+              "deterministic"])
+        paths.append(path)
+    torch.set_num_threads(1)
+    capsys.readouterr()
+    table = main(["--markdown", *map(str, paths)])["markdown"]
+    assert capsys.readouterr().out.strip() == table.strip()
+    lines = table.splitlines()
+    assert "1 thread," in lines[0] and "2 threads," in lines[0]
+    documents = [json.loads(p.read_text()) for p in paths]
+    ours = next(line for line in lines if line.startswith("| training: BayesianCNN"))
+    assert ours.split(" | ")[1:] == [
+        f"{d['models']['bayesian']['images_per_second']:.0f}" for d in documents[:1]] + [
+        f"{documents[1]['models']['bayesian']['images_per_second']:.0f} |"]
+    assert any(line.startswith("| training: bayesian-torch") and "–" in line for line in lines)
+    ratio = documents[0]["ratios"]["ours_over_deterministic"]
+    row = next(line for line in lines if line.startswith("| ours / deterministic"))
+    assert f"{ratio['value']:.2f}x {'✓' if ratio['met'] else '✗'}" in row
+    assert "S = 3" in table and documents[0]["command"] in table
+
+
+def test_training_step_minimises_the_negative_elbo() -> None:
+    from bnn_course.elbo import negative_elbo
+    from bnn_course.train import training_step
+
+    seed_everything(0)
+    model = BayesianCNN(channels=(4,), hidden_features=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay put
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    seed_everything(1)
+    result = training_step(model, optimizer, x, y, num_train=1000, kl_weight=0.5)
+    seed_everything(1)  # the same weight sample by hand
+    log_probs = model(x)
+    torch.testing.assert_close(result.log_probs, log_probs.detach())
+    nll = F.nll_loss(log_probs, y)
+    torch.testing.assert_close(result.nll, nll.detach())
+    torch.testing.assert_close(result.kl, model.kl_divergence().detach())
+    torch.testing.assert_close(
+        result.loss, negative_elbo(nll, model.kl_divergence(), 1000, kl_weight=0.5).detach())
+    assert not any(t.requires_grad for t in result)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="one label per example"):
+        training_step(model, optimizer, x, y[:5], num_train=1000)

@@ -198,3 +198,70 @@ def test_flags_parse_to_the_config_they_name() -> None:
                                        progress=False)
     help_text = engine.build_parser().format_help()
     assert "beta, the weight of the KL term" in help_text  # the help beside the field
+
+
+def test_comparison_flags_naming_nothing_are_usage_errors(capsys, tmp_path) -> None:
+    # Regression: an empty --methods ended in a StopIteration traceback; an unknown
+    # --ood-sets name or --reuse run name was silently ignored.
+    run = comparison.main
+    assert "--methods needs at least one" in error_line(capsys, ["--methods", ","], 2, run)
+    line = error_line(capsys, ["--ood-sets", "sklearn-digits,svnh"], 2, run)
+    assert "unknown ['svnh']" in line
+    line = error_line(capsys, ["--reuse", f"bayesain={tmp_path}/checkpoint.pt"], 2, run)
+    assert "unknown run 'bayesain'" in line
+
+
+def test_an_output_folder_below_a_file_fails_before_the_data_are_loaded(capsys, tmp_path,
+                                                                        monkeypatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded before the output folder was checked")
+
+    monkeypatch.setattr(comparison, "load_cifar10", no_data)
+    monkeypatch.setattr(engine, "load_cifar10", no_data)
+    out = str(blocker / "run")
+    assert "is a file, not a folder" in error_line(capsys, [*TINY, "--out", out])
+    assert "is a file, not a folder" in error_line(capsys, ["--out", out], command=comparison.main)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--eval-samples", "0"], "--eval-samples must be >= 1"),
+    (["--corruption-samples", "0"], "--corruption-samples must be >= 1"),
+    (["--corruptions", "gaussian_noise,fog"], "--corruptions: unknown ['fog']"),
+    (["--severities", "0,3"], "--severities must be among 1,2,3,4,5"),
+    (["--severities", "x"], "comma-separated integers in 1..5"),
+    (["--dropout", "0"], "mc_dropout needs --dropout > 0"),
+])
+def test_comparison_refuses_what_its_evaluation_would_refuse_before_training(
+        capsys, tmp_path, monkeypatch, flags, message) -> None:
+    # Regression: these failed only after every network had been trained.
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the flags were checked")
+
+    monkeypatch.setattr(comparison, "load_cifar10", no_training)
+    monkeypatch.setattr(comparison, "train_methods", no_training)
+    line = error_line(capsys, ["--out", str(tmp_path), *flags], 2, comparison.main)
+    assert message in line
+
+
+def test_comparison_removes_its_old_result_before_training(capsys, tmp_path,
+                                                           monkeypatch) -> None:
+    # Regression: a comparison that failed while training left the previous comparison.json
+    # beside the new checkpoints.
+    (tmp_path / comparison.COMPARISON_NAME).write_text("{}")
+
+    def failing_training(*args, **kwargs):
+        raise ValueError("training failed")
+
+    monkeypatch.setattr(comparison, "train_methods", failing_training)
+    argv = ["--smoke", "--no-download", "--out", str(tmp_path), "--ood-max-images", "10"]
+    assert "training failed" in error_line(capsys, argv, 1, comparison.main)
+    assert not (tmp_path / comparison.COMPARISON_NAME).exists()
+
+
+def test_resume_and_overwrite_together_are_a_usage_error(capsys, tmp_path) -> None:
+    # Regression: --overwrite deleted the checkpoint that --resume was asked to continue.
+    line = error_line(capsys, [*TINY, "--out", str(tmp_path), "--resume", "--overwrite"], 2)
+    assert "--resume and --overwrite exclude each other" in line

@@ -5,6 +5,7 @@ Tiny networks on the synthetic stand-in keep every test to seconds on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -286,3 +287,17 @@ def test_command_line_smoke(tmp_path, capsys, no_cifar10_anywhere) -> None:
     printed = capsys.readouterr().out
     assert "OOD sets: sklearn-digits (20), uniform-noise (20)" in printed
     assert "severity/1/ece" in printed and "wrote" in printed
+
+
+def test_an_interrupted_run_of_the_comparison_says_it_resumed(tiny_data, tmp_path) -> None:
+    # Regression: the log said "trained here: 2 epochs" after training only the second.
+    base = TrainConfig(**{**TINY, "epochs": 2})
+    interrupted = dataclasses.replace(base, model="deterministic", epochs=1)
+    train(interrupted, tiny_data, out_dir=tmp_path / "deterministic", log=quiet)
+    path = tmp_path / "deterministic" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"]["epochs"] = 2  # as if killed after epoch 1 of 2
+    torch.save(state, path)
+    lines: list[str] = []
+    train_methods(tiny_data, base, ["deterministic"], out_dir=tmp_path, log=lines.append)
+    assert "trained here: epochs 2-2 (resumed after epoch 1)" in lines[0]

@@ -715,3 +715,10 @@ def test_synthetic_stand_in_is_learnable() -> None:
     # Chance is 0.1 with a standard deviation of 0.013 over 500 test images; the
     # nearest-class-mean classifier gets about 0.5 (a small CNN gets above 0.9).
     assert accuracy > 0.3
+
+
+def test_smoke_mode_names_the_classes_a_small_copy_lacks(tmp_path) -> None:
+    # Regression: the error was "n=0 must be a positive multiple of num_classes=10".
+    write_pickle_folder(tmp_path / "cifar-10-batches-py", per_batch=5)  # classes 0..4 only
+    with pytest.raises(ValueError, match=r"no images of the classes \['dog', 'frog', "):
+        load_cifar10(tmp_path, smoke=True, allow_download=False)

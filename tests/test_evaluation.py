@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
+from bnn_course.data import normalize
 from bnn_course.evaluation import (
     accuracy_against_num_samples,
     classification_summary,
     evaluate,
     mc_log_predictive,
     predict_log_probs,
+    prediction_batch_size,
 )
 from bnn_course.models import BayesianCNN
 from bnn_course.seeding import seed_everything
@@ -77,3 +79,47 @@ def test_bad_input_raises() -> None:
         mc_log_predictive(torch.zeros(0, 3, 10))
     with pytest.raises(ValueError, match="labels"):
         classification_summary(torch.zeros(4, 10), torch.zeros(5, dtype=torch.long))
+
+
+class _Recorder(torch.nn.Module):
+    """Uniform log-probabilities; records every batch it sees (shape, layout, autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, bool, bool, bool]] = []
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        self.calls.append((x.shape[0], sample, x.is_contiguous(memory_format=torch.channels_last),
+                           torch.is_grad_enabled()))
+        return torch.full((x.shape[0], 10), -math.log(10.0))
+
+
+def test_prediction_batches_layout_and_passes() -> None:
+    assert prediction_batch_size("cpu") == 256 and prediction_batch_size("cuda") == 4096
+    model = _Recorder()
+    images = torch.randint(0, 256, (600, 3, 8, 8), dtype=torch.uint8)
+    mean, samples = predict_log_probs(model, images, 2, include_mean=False)
+    assert mean is None and samples.shape == (2, 600, 10)
+    # The CPU default batch, channels-last, no autograd, only the sampled passes.
+    assert model.calls == [(256, True, True, False)] * 4 + [(88, True, True, False)] * 2
+    model.calls.clear()
+    predict_log_probs(model, images, 1, batch_size=500)
+    assert [(n, sample) for n, sample, _, _ in model.calls] == [
+        (500, False), (500, True), (100, False), (100, True)]
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_log_probs(model, images, 1, batch_size=0)
+
+
+def test_channels_last_prediction_equals_the_plain_layout() -> None:
+    seed_everything(5)
+    model = BayesianCNN(channels=(4, 8), hidden_features=16, init_log_sigma=-2.0).eval()
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    seed_everything(9)
+    mean, samples = predict_log_probs(model, images, 3, batch_size=20)
+    x = normalize(images)  # contiguous (NCHW): the same passes by hand, same random numbers
+    seed_everything(9)
+    with torch.no_grad():
+        expected_mean = model(x, sample=False)
+        expected = torch.stack([model(x, sample=True) for _ in range(3)])
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(samples, expected, rtol=1e-4, atol=1e-5)

@@ -508,9 +508,11 @@ def test_conv_flipout_gradient_only_where_asked() -> None:
     output.sum().backward()
     assert image.grad is None
     assert all(p.grad is not None for p in (weight_mu, weight_delta, bias_mu, bias_delta))
-    with torch.no_grad():
-        assert conv2d_flipout(x, weight_mu, weight_delta, bias_mu, bias_delta, sign_in,
-                              sign_out, 1, 1).grad_fn is None
+    with torch.no_grad():  # the plain path, summing in place: the same numbers
+        plain = conv2d_flipout(x, weight_mu, weight_delta, bias_mu, bias_delta, sign_in,
+                               sign_out, 1, 1)
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, output.detach(), rtol=0, atol=0)
 
 
 def test_conv_flipout_under_bf16_autocast_matches_autograd() -> None:

@@ -313,3 +313,24 @@ def test_bad_input_raises() -> None:
         average_precision(torch.rand(3), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="sum to one"):
         ood_scores(torch.rand(3, 4, 5))
+
+
+def test_mc_log_predictive_is_exact_in_float64() -> None:
+    # Regression: log S was a float32 tensor, an error of ~1e-8 on float64 inputs.
+    from bnn_course.evaluation import mc_log_predictive
+
+    probs = torch.randn(5, 7, 4, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).softmax(-1)
+    ours = mc_log_predictive(probs.log())
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, probs.mean(0).log(), rtol=0, atol=1e-13)
+
+
+def test_brier_score_of_two_classes_is_twice_sklearns_default() -> None:
+    # The docstring's warning for readers comparing with scikit-learn, checked.
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.4, 0.6]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0])
+    ours = brier_score(probs, labels)
+    assert ours == pytest.approx(2 * brier_score_loss(labels.numpy(), probs[:, 1].numpy()))
+    assert ours == pytest.approx(brier_score_loss(labels.numpy(), probs.numpy(), labels=[0, 1],
+                                                  scale_by_half=False))

@@ -15,6 +15,7 @@ from bnn_course.run_folder import (
     atomic_torch_save,
     atomic_write_text,
     autocast_dtype,
+    check_output_folder,
     config_differences,
     data_identity,
     fast_matmul,
@@ -128,3 +129,17 @@ def test_provenance_records_the_commit_and_uncommitted_changes(tmp_path) -> None
     assert record["mode"] == "smoke" and record["num_test"] == 3
     assert {"git_commit", "git_dirty", "torch", "python", "bnn_course"} <= set(record)
     assert record["device"].startswith("CPU")
+
+
+def test_an_output_folder_below_a_file_is_refused_before_any_work(tmp_path) -> None:
+    # Regression: this failed only after the data were loaded, with a bare OSError.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        check_output_folder(blocker / "run" / "deeper")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        prepare_run_folder(blocker / "run", ("checkpoint.pt",), resume=True, overwrite=False)
+    with pytest.raises(RunFolderError, match="exists and is not a folder"):
+        check_output_folder(blocker)
+    check_output_folder(tmp_path / "new" / "run")  # creatable: fine, and nothing created
+    assert not (tmp_path / "new").exists()

@@ -168,6 +168,15 @@ def test_invalid_configuration_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"channels=\(\) \(must be a non-empty"):
         TrainConfig(channels=())
     assert TrainConfig(channels=[4, 8]).channels == (4, 8)
+    for seed in (-1, 2**63, 1.5):  # torch.manual_seed takes a 64-bit integer
+        with pytest.raises(ValueError, match="seed"):
+            TrainConfig(seed=seed)
+    assert TrainConfig(seed=2**63 - 1).seed == 2**63 - 1
+    # Settings that float32 parameters cannot hold are errors here, not overflows later.
+    for name, value in (("lr", 1e300), ("prior_sigma", 1e300), ("prior_sigma", 1e-300),
+                        ("init_log_sigma", -100.0), ("init_log_sigma", 100.0)):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: value})
 
 
 @pytest.mark.parametrize("name", ["lr", "kl_weight", "kl_warmup_epochs", "init_log_sigma",
@@ -352,3 +361,36 @@ def test_real_cifar10_clearly_beats_chance_on_cpu() -> None:
                          progress=False, epoch_eval_samples=0, eval_samples=4)
     result = train(config, data, log=quiet)
     assert result.final["accuracy_mean"] > 0.2, result.final
+
+
+@pytest.mark.parametrize("damage", [
+    {"rng": {}}, {"rng": None}, {"epoch": "1"}, {"epoch": 7}, {"history": 5},
+    {"model": 7}, {"optimizer": {}}, {"data_identity": 5},
+    {"rng": {"shuffle": torch.zeros(3), "torch": torch.get_rng_state(), "cuda": None}},
+])
+def test_checkpoint_with_malformed_fields_is_a_checkpoint_error(tiny_data, tmp_path,
+                                                                damage) -> None:
+    # Regression: these reached _restore and ended in a KeyError or TypeError traceback.
+    config = TrainConfig(epochs=1, **TINY)
+    train(config, tiny_data, out_dir=tmp_path, log=quiet)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state.update(damage)
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="malformed checkpoint fields"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="malformed"):
+        train(config, tiny_data, out_dir=tmp_path, resume=True, log=quiet)
+
+
+def test_damaged_random_state_of_the_right_type_is_a_checkpoint_error(tiny_data,
+                                                                     tmp_path) -> None:
+    config = TrainConfig(epochs=2, **TINY)
+    train(dataclasses.replace(config, epochs=2), tiny_data, out_dir=tmp_path, log=quiet)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    state["rng"]["shuffle"] = torch.zeros(3, dtype=torch.uint8)
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="damaged random-number state"):
+        train(config, tiny_data, out_dir=tmp_path, resume=True, log=quiet)
