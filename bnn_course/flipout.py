@@ -211,11 +211,15 @@ def _fused_conv2d_flipout(
     if padding is None or torch.broadcast_shapes(x.shape, sign_in.shape) != x.shape:
         return None
     device_type = x.device.type
-    autocasting = torch.is_autocast_enabled(device_type)
+    try:
+        autocasting = torch.is_autocast_enabled(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type) if autocasting else None
+    except (AttributeError, TypeError):  # a torch without per-device autocast queries
+        return None
     if autocasting and any(t.dtype == torch.float64 for t in tensors):
         return None  # autocast leaves float64 alone; so does the plain path
     # Without autocast nothing is cast (mixed dtypes fail as they do in F.conv2d).
-    dtype = torch.get_autocast_dtype(device_type) if autocasting else x.dtype
+    dtype = autocast_dtype if autocasting else x.dtype
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(dtype) if t is not None and autocasting else t
