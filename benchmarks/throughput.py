@@ -91,6 +91,7 @@ from bnn_course.data import iterate_batches, synthetic_cifar10
 from bnn_course.evaluation import predict_log_probs
 from bnn_course.layers import preferred_memory_format
 from bnn_course.models import BayesianCNN, CNNStack, DeterministicCNN
+from bnn_course.posterior import inverse_softplus
 from bnn_course.provenance import device_description, git_state
 from bnn_course.seeding import seed_everything
 from bnn_course.train import TrainConfig, select_device, train, training_step
@@ -174,7 +175,7 @@ class BayesianTorchCNN(CNNStack):
         from bayesian_torch.layers import Conv2dFlipout, LinearFlipout
 
         # sigma = softplus(rho), rho ~ N(posterior_rho_init, 0.1^2): start around ours.
-        rho = math.log(math.expm1(math.exp(init_log_sigma)))
+        rho = inverse_softplus(math.exp(init_log_sigma))
         # bayesian-torch fills its prior "variance" buffers into prior_*_sigma: a std.
         layer_args = {"prior_mean": 0.0, "prior_variance": prior_sigma,
                       "posterior_mu_init": 0.0, "posterior_rho_init": rho}

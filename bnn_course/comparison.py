@@ -104,8 +104,8 @@ HIGHER_IS_BETTER = ("accuracy", "auroc")
 LOWER_IS_BETTER = ("nll", "ece", "brier")
 """Metric names for which a smaller value is better."""
 
-IGNORED_FOR_REUSE: tuple[str, ...] = ("device", "compile", "progress", "log_interval",
-                                      "epoch_eval_samples", "eval_samples")
+IGNORED_FOR_REUSE: tuple[str, ...] = (*RESUME_FREE_FIELDS, "epoch_eval_samples",
+                                      "eval_samples")
 """:class:`TrainConfig` fields that do not change what is learned; a saved network whose
 configuration differs from the wanted one only in these is reused."""
 
@@ -697,7 +697,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 COMPARISON_DEFAULTS = TrainConfig(epoch_eval_samples=0, eval_samples=0, progress=False)
 """The training configuration the comparison starts from; every network is evaluated by the
-comparison itself, so :func:`~bnn_course.train.train` skips its own evaluations."""
+comparison itself, so :func:`~bnn_course.train.train` makes no sampled evaluations (it still
+makes one posterior-mean pass over the test set per epoch, for its history)."""
 
 _NOT_FLAGS = ("model", "epoch_eval_samples", "eval_samples")
 """TrainConfig fields without a comparison flag: the method sets ``model``; the

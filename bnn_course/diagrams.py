@@ -60,8 +60,8 @@ def bayesian_cnn_diagram(model: Any, input_shape: tuple[int, ...] = (1, 3, 32, 3
     # One step per module of the twin; an activation is folded into the step before it.
     steps: list[dict[str, Any]] = [{"label": "input image batch", "shape": input_shape,
                                     "kind": "data", "detail": ""}]
-    device = next(twin.parameters()).device
-    x = torch.zeros(input_shape, device=device)
+    parameter = next(twin.parameters())
+    x = torch.zeros(input_shape, device=parameter.device, dtype=parameter.dtype)
     layer_index = 0
     with torch.no_grad():
         for module in twin:

@@ -16,6 +16,7 @@ before it has seen any data.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -156,7 +157,9 @@ def layer_table(
 
 
 def _posterior_mean_layer(layer: nn.Module) -> nn.Module:
-    """``nn.Conv2d``/``nn.Linear`` with a Bayesian layer's means; other stages unchanged."""
+    """``nn.Conv2d``/``nn.Linear`` with a Bayesian layer's means; ``nn.Identity`` for dropout
+    (the ``sample=False`` network has none); a copy of any other stage, never the model's own
+    module."""
     plain: nn.Conv2d | nn.Linear
     factory = {"device": layer.weight_mu.device, "dtype": layer.weight_mu.dtype} \
         if isinstance(layer, BayesianLayer) else {}
@@ -169,8 +172,10 @@ def _posterior_mean_layer(layer: nn.Module) -> nn.Module:
                           bias=layer.bias_mu is not None, **factory)
     elif isinstance(layer, BayesianLayer):
         raise ValueError(f"no deterministic counterpart for {type(layer).__name__}")
+    elif isinstance(layer, nn.Dropout):
+        return nn.Identity()
     else:
-        return layer
+        return copy.deepcopy(layer)
     with torch.no_grad():
         plain.weight.copy_(layer.weight_mu)
         if layer.bias_mu is not None and plain.bias is not None:
@@ -182,8 +187,9 @@ def deterministic_twin(model: CNNStack) -> nn.Sequential:
     """The ordinary CNN of the same shape as ``model``, with the posterior means as weights.
 
     ``deterministic_twin(model)(x)`` equals ``model(x, sample=False)`` (up to floating-point
-    rounding), and it has half as many parameters as ``model``: a deterministic network
-    learns one number per weight, the Bayesian one two (:math:`\\mu`, :math:`\\log\\sigma`).
+    rounding). For a BayesianCNN it has half as many parameters as ``model``: a deterministic
+    network learns one number per weight, the Bayesian one two (:math:`\\mu`,
+    :math:`\\log\\sigma`); for a deterministic stack it is an independent copy.
     The layout is the model's own (:meth:`~bnn_course.models.CNNStack.stages`), every
     Bayesian layer replaced by an ``nn.Conv2d`` or ``nn.Linear`` holding its means.
 

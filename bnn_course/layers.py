@@ -171,10 +171,6 @@ class BayesianLayer(nn.Module):
             kl = kl + self.bias_posterior.kl_divergence(self.prior_sigma)
         return kl
 
-    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """Flipout sample (``sample=True``) or the posterior-mean layer (``sample=False``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define forward")
-
     def _prior_repr(self) -> str:
         return (f"bias={self.bias_posterior is not None}, prior_sigma={self.prior_sigma}, "
                 f"init_log_sigma={self.weight_posterior.init_log_sigma}, "

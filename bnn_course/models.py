@@ -229,7 +229,7 @@ class BayesianCNN(CNNStack):
     def kl_divergence(self) -> torch.Tensor:
         """Sum of the layers' closed-form KL divergences; a float32 scalar (float64 for a
         float64 model)."""
-        return torch.stack([layer.kl_divergence() for _, layer in self.bayesian_layers()]).sum()
+        return torch.stack([layer.kl_divergence() for layer in self.layers()]).sum()
 
 
 class DeterministicCNN(CNNStack):

@@ -183,16 +183,23 @@ def data_identity(source: str, train_images: torch.Tensor, train_labels: torch.T
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
                          parts: Sequence[str] = ("train", "test")) -> list[str]:
     """How the data ``current`` differs from ``saved`` (both :func:`data_identity`), in
-    words; only ``parts`` of the two sets are compared (the source always)."""
+    words; only ``parts`` of the two sets are compared.
+
+    The sizes and digests identify the data. The ``source`` description (a sentence with the
+    folder's path) is compared only when ``saved`` holds no digests (an older checkpoint):
+    the same images reached through another path, a symlink or ``BNN_COURSE_DATA`` instead of
+    ``--data`` are the same data.
+    """
     differences = []
-    if saved.get("source") != current["source"]:
+    has_digests = all((saved.get(part) or {}).get("digest") for part in parts)
+    if not has_digests and saved.get("source") != current["source"]:
         differences.append(f"source: saved {saved.get('source')!r}, now {current['source']!r}")
     for part in parts:
         have, want = saved.get(part) or {}, current[part]
         if have.get("size") != want["size"]:
             differences.append(f"{part} set: {have.get('size')} examples saved, "
                                f"{want['size']} now")
-        elif have.get("digest") != want["digest"]:
+        elif has_digests and have.get("digest") != want["digest"]:
             differences.append(f"{part} set: same size ({want['size']}), other examples")
     return differences
 

@@ -617,23 +617,25 @@ def _train_one_epoch(run: _Run, forward: nn.Module, epoch: int) -> dict[str, Any
                 run.model, run.optimizer, x, y, num_train=num_train, forward=forward,
                 autocast_dtype=run.autocast_dtype, kl_scaling=config.kl_scaling,
                 kl_weight=config.kl_weight * warmup)
-            with torch.no_grad():
-                sums += torch.stack([nll.detach().double() * y.shape[0],
+            with torch.no_grad():  # StepResult's tensors are already detached
+                sums += torch.stack([nll.double() * y.shape[0],
                                      (log_probs.argmax(-1) == y).sum().double(),
-                                     loss.detach().double()])
+                                     loss.double()])
             # One device sync every log_interval steps: check finiteness, log the two loss
             # terms of this step, refresh the bar.
             if (index + 1) % config.log_interval == 0 or index == steps_per_epoch - 1:
-                summary = sums.tolist()
-                step_log.append({"step": step + 1, "nll": nll.item(), "kl": kl_value.item(),
-                                 "kl_term": _kl_term(run, kl_value, warmup).item()})
+                step_terms = [nll, kl_value, _kl_term(run, kl_value, warmup)]
+                values = torch.cat([sums, torch.stack([t.double() for t in step_terms])]).tolist()
+                summary, (step_nll, step_kl, step_kl_term) = values[:3], values[3:]
+                step_log.append({"step": step + 1, "nll": step_nll, "kl": step_kl,
+                                 "kl_term": step_kl_term})
                 if not math.isfinite(summary[2]):
                     raise TrainingDiverged(_diverged_message(
-                        epoch + 1, step + 1, nll.item(), kl_value.item()))
+                        epoch + 1, step + 1, step_nll, step_kl))
                 if bar is not None:
                     seen = min((index + 1) * config.batch_size, num_train)
                     bar.set_postfix(nll=f"{summary[0] / seen:.3f}",
-                                    kl=f"{kl_value.item():.3g}", acc=f"{summary[1] / seen:.3f}")
+                                    kl=f"{step_kl:.3g}", acc=f"{summary[1] / seen:.3f}")
             if bar is not None:
                 bar.update(1)
     finally:

@@ -45,3 +45,14 @@ def test_bayesian_cnn_diagram_rejects_a_non_image_shape() -> None:
 
     with pytest.raises(ValueError, match="B, C, H, W"):
         bayesian_cnn_diagram(BayesianCNN(), input_shape=(3, 32, 32))
+
+
+def test_the_diagram_traces_a_float64_model() -> None:
+    # Regression: the trace input was always float32.
+    from bnn_course.diagrams import bayesian_cnn_diagram
+    from bnn_course.models import BayesianCNN
+
+    model = BayesianCNN(channels=(4, 8), hidden_features=16).double()
+    figure = bayesian_cnn_diagram(model, (2, 3, 32, 32))
+    assert figure is not None
+    plt.close(figure)

@@ -14,7 +14,7 @@ from bnn_course.inspection import (
     layer_table,
     prediction_spread,
 )
-from bnn_course.models import BayesianCNN
+from bnn_course.models import BayesianCNN, DeterministicCNN
 
 
 def tiny_model(**kwargs: float) -> BayesianCNN:
@@ -173,3 +173,17 @@ def test_prediction_spread_is_large_when_sigma_equals_one() -> None:
 def test_prediction_spread_rejects_zero_samples() -> None:
     with pytest.raises(ValueError, match="num_samples"):
         prediction_spread(tiny_model(), torch.zeros(1, 1, 4, 4), num_samples=0)
+
+
+def test_the_twin_of_a_deterministic_stack_is_an_independent_copy_without_dropout() -> None:
+    # Regression: it reused the model's own modules and kept live dropout stages.
+    torch.manual_seed(0)
+    model = DeterministicCNN(channels=(4, 8), hidden_features=16, dropout=0.5)
+    twin = deterministic_twin(model)
+    twin_parameters = {id(p) for p in twin.parameters()}
+    assert not twin_parameters & {id(p) for p in model.parameters()}
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x, sample=False))
+        torch.testing.assert_close(twin(x), twin(x))  # no dropout left in the twin
