@@ -26,13 +26,19 @@ Ovadia et al. (2019) and the uncertainty-baselines tables:
   entropy, mutual information, :math:`1 - \max_k \bar p_k`), test set against each OOD set,
   OOD = positive. For a single network (:math:`S = 1`) the mutual information is 0 for every
   input; its AUROC is reported as NaN ("no such score"), not as 0.5;
-* dataset shift: accuracy and ECE on the test set corrupted by each corruption of
-  :mod:`bnn_course.corruptions` at each severity. Each ``(name, severity)`` is applied
-  **once**, with a generator seeded from ``(seed, name, severity)``, and the same corrupted
-  images are shown to every method.
+* dataset shift: accuracy and ECE on the test set corrupted by each CIFAR-10-C-style
+  corruption of :mod:`bnn_course.corruptions` (re-implemented with the parameters of
+  ``make_cifar_c.py``, so not directly comparable with the released CIFAR-10-C) at each
+  severity. Each ``(name, severity)`` is applied **once**, with a generator seeded from
+  ``(seed, name, severity)``, and the same corrupted images are shown to every method.
 
 :func:`evaluate_methods` does all of it and returns one flat ``dict`` per method
 (:func:`comparison_rows` documents the keys); :func:`format_table` prints them.
+:func:`choose_dropout` chooses MC dropout's rates on held-out training images
+(:func:`validation_split`); :func:`paired_difference`, the bootstrap helpers
+(:func:`resample_weights`, :func:`weighted_ece`, :func:`weighted_auroc`) and :func:`verdict`
+turn differences between methods into words with paired standard errors;
+:func:`cost_rows` says what each method costs to train and to predict.
 
 Command line (trains every method with a given budget, writes ``OUT/comparison.json`` and
 prints the table)::
@@ -164,9 +170,10 @@ def sample_probs_for(
         return predict_log_probs(model, images, 0, batch_size, autocast_dtype)[0].exp()[None]
     if num_samples < 1:
         raise ValueError(f"method {method!r} needs num_samples >= 1, got {num_samples}")
-    if method == "mc_dropout" and not getattr(model, "dropout", 0.0) > 0:
-        raise ValueError("mc_dropout needs a network with dropout > 0; without dropout "
-                         "every pass gives the same probabilities")
+    if method == "mc_dropout" and not (getattr(model, "dropout", 0.0) > 0
+                                       or getattr(model, "conv_dropout", 0.0) > 0):
+        raise ValueError("mc_dropout needs a network with dropout or conv_dropout > 0; "
+                         "without dropout every pass gives the same probabilities")
     if method == "bayesian" and not any(True for _ in model.bayesian_layers()):
         raise ValueError("method 'bayesian' needs a network with Bayesian layers")
     return predict_log_probs(model, images, num_samples, batch_size, autocast_dtype,
@@ -289,12 +296,15 @@ def evaluate_corruptions(
     batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     num_bins: int = NUM_BINS,
+    keep_predictions: dict[str, dict[tuple[str, int], torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every method on every corrupted copy of the test set.
 
     The corrupted images of each ``(name, severity)`` are made once
     (:func:`iterate_corrupted`) and given to every method; ``images`` should be on the
-    networks' device.
+    networks' device. If ``keep_predictions`` is a dict, it receives
+    ``keep_predictions[method][(name, severity)]``: the averaged prediction
+    :math:`\bar p` ``(N, K)``, float32 on the CPU (for paired standard errors).
 
     Returns
     -------
@@ -306,6 +316,9 @@ def evaluate_corruptions(
         for method, models in models_by_method.items():
             probs = sample_probs_for(method, models, corrupted.to(_model_device(models)),
                                      num_samples, batch_size, autocast_dtype)
+            if keep_predictions is not None:
+                kept = keep_predictions.setdefault(method, {})
+                kept[(name, severity)] = probs.mean(0).float().cpu()
             for metric, value in summary_metrics(probs, labels, num_bins).items():
                 results[method][f"corruption/{name}/{severity}/{metric}"] = value
     return results
@@ -484,13 +497,20 @@ def format_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] | None =
 
 
 def describe_sets(data_name: str, num_test: int, ood_sets: Mapping[str, Any],
-                  corruptions: Sequence[str], severities: Sequence[int]) -> str:
-    """One line naming the test data, the OOD sets and the corruptions behind a result."""
+                  corruptions: Sequence[str], severities: Sequence[int],
+                  corruption_test_size: int | None = None) -> str:
+    """One line naming the test data, the OOD sets and the corruptions behind a result.
+
+    ``corruption_test_size``: the corruptions were applied to a stratified subset of this
+    many test images (``None``: to the whole test set)."""
     ood = ", ".join(f"{name} ({_length(value)})" for name, value in ood_sets.items()) or "none"
     shift = ", ".join(corruptions) or "none"
     levels = ",".join(str(s) for s in severities)
-    return (f"test set: {data_name}, {num_test} images | OOD sets: {ood} | "
-            f"corruptions: {shift} at severities {levels}")
+    line = (f"test set: {data_name}, {num_test} images | OOD sets: {ood} | "
+            f"CIFAR-10-C-style corruptions: {shift} at severities {levels}")
+    if corruptions and corruption_test_size is not None and corruption_test_size < num_test:
+        line += f", on a stratified subset of {corruption_test_size} test images"
+    return line
 
 
 def _length(value: Any) -> int:
@@ -531,8 +551,11 @@ def method_configs(base_config: TrainConfig, methods: Sequence[str] = METHODS,
 
 BAYESIAN_ONLY_FIELDS: tuple[str, ...] = ("kl_weight", "kl_scaling", "kl_warmup_epochs",
                                          "init_log_sigma", "prior_sigma", "parametrization")
-""":class:`TrainConfig` fields that only a ``"bayesian"`` model uses (``dropout`` is used
-only by ``"mc_dropout"``)."""
+""":class:`TrainConfig` fields that only a ``"bayesian"`` model uses (:data:`DROPOUT_FIELDS`
+are used only by ``"mc_dropout"``)."""
+
+DROPOUT_FIELDS: tuple[str, ...] = ("dropout", "conv_dropout")
+""":class:`TrainConfig` fields that only an ``"mc_dropout"`` model uses."""
 
 
 def config_differences(saved: Mapping[str, Any], config: TrainConfig,
@@ -541,13 +564,13 @@ def config_differences(saved: Mapping[str, Any], config: TrainConfig,
     """``"field: saved X, now Y"`` for every field of ``config`` that ``saved`` (a
     checkpoint's ``"config"`` dict) has differently, apart from ``ignore`` and, if
     ``only_used``, the fields ``config.model`` does not use (:data:`BAYESIAN_ONLY_FIELDS`
-    unless ``"bayesian"``, ``dropout`` unless ``"mc_dropout"``).
+    unless ``"bayesian"``, :data:`DROPOUT_FIELDS` unless ``"mc_dropout"``).
     (:func:`bnn_course.run_folder.config_differences` does the comparing.)"""
     unused = set(ignore)
     if only_used and config.model != "bayesian":
         unused.update(BAYESIAN_ONLY_FIELDS)
     if only_used and config.model != "mc_dropout":
-        unused.add("dropout")
+        unused.update(DROPOUT_FIELDS)
     return _differences(saved, dataclasses.asdict(config), sorted(unused))
 
 
@@ -578,6 +601,12 @@ def reusable_checkpoint(path: str | os.PathLike, config: TrainConfig,
     return True, f"{path} (trained on {data.name}, {config.epochs} epochs)"
 
 
+def recorded_training_seconds(path: str | os.PathLike) -> float:
+    """The training time stored in the checkpoint at ``path``: the sum of its history's
+    per-epoch ``"seconds"`` (the training loops, without the per-epoch evaluations)."""
+    return float(sum(record.get("seconds", 0.0) for record in load_checkpoint(path)["history"]))
+
+
 class TrainedMethods(NamedTuple):
     """Output of :func:`train_methods`."""
 
@@ -587,7 +616,13 @@ class TrainedMethods(NamedTuple):
     """``{run name: how it was obtained}``: ``"trained ..."``, ``"reused ..."`` or
     ``"same network as ..."``."""
     seconds: dict[str, float]
-    """``{run name: wall-clock seconds}`` spent training (0 for a reused network)."""
+    """``{run name: wall-clock seconds}`` spent training in this call (0 for a reused
+    network)."""
+    recorded_seconds: dict[str, float] = {}
+    """``{run name: seconds its training took}``: the sum of the per-epoch ``"seconds"`` of
+    its history (the epochs' training loops, without set-up and evaluation; for a reused
+    network read from its checkpoint, for a resumed one including the epochs before the
+    interruption); 0 for a run that is the same network as another (counted there)."""
 
 
 def train_methods(
@@ -621,6 +656,7 @@ def train_methods(
     models: dict[str, list[nn.Module]] = {method: [] for method in methods}
     origins: dict[str, str] = {}
     seconds: dict[str, float] = {}
+    recorded: dict[str, float] = {}
     done: list[tuple[str, TrainConfig, nn.Module]] = []
     for method, name, config in method_configs(base_config, methods, ensemble_size):
         same = next(((other, model) for other, c, model in done if c == config), None)
@@ -628,6 +664,7 @@ def train_methods(
             models[method].append(same[1])
             origins[name] = f"same network as {same[0]} (identical configuration and seed)"
             seconds[name] = 0.0
+            recorded[name] = 0.0
             log(f"{name}: {origins[name]}")
             continue
         run_dir = Path(out_dir) / name if out_dir is not None else None
@@ -642,6 +679,7 @@ def train_methods(
                 model, _ = load_trained_model(candidate, device=str(select_device(config.device)))
                 origins[name] = f"reused {reason}"
                 seconds[name] = 0.0
+                recorded[name] = recorded_training_seconds(candidate)
                 break
             reasons.append(reason)
         if model is None:
@@ -660,6 +698,7 @@ def train_methods(
             result = train(config, data, out_dir=run_dir, resume=resume, overwrite=not resume,
                            log=quiet)
             seconds[name] = time.perf_counter() - started
+            recorded[name] = float(sum(record["seconds"] for record in result.history))
             model = result.model.eval()
             last = result.history[-1]
             why = "; ".join(reasons) if reasons else "no checkpoint given"
@@ -673,7 +712,269 @@ def train_methods(
         models[method].append(model)
         done.append((name, config, model))
         log(f"{name}: {origins[name]}")
-    return TrainedMethods(models, origins, seconds)
+    return TrainedMethods(models, origins, seconds, recorded)
+
+
+# --------------------------------------------------------------------------------------
+# Choosing MC dropout's rates on held-out training images
+# --------------------------------------------------------------------------------------
+
+
+def validation_split(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int = 0,
+                     num_classes: int = 10,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stratified, seeded split of a training set into a rest and a held-out part.
+
+    ``size / num_classes`` images of every class, drawn by a random permutation seeded with
+    ``seed`` (a CPU generator: the same split on every device), are held out; both parts
+    keep the original order.
+
+    Parameters
+    ----------
+    images, labels:
+        ``(N, ...)`` and ``(N,)``, labels in ``0..num_classes-1``.
+    size:
+        Images held out; a positive multiple of ``num_classes``, leaving every class at
+        least one image in the rest.
+
+    Returns
+    -------
+    ``(rest_images, rest_labels, held_out_images, held_out_labels)``: ``N - size`` and
+    ``size`` images, on the input's device.
+    """
+    if size <= 0 or size % num_classes:
+        raise ValueError(f"size={size} must be a positive multiple of num_classes="
+                         f"{num_classes}")
+    per_class = size // num_classes
+    generator = torch.Generator().manual_seed(seed)
+    cpu_labels = labels.cpu()
+    held_out = torch.zeros(cpu_labels.shape[0], dtype=torch.bool)
+    for label in range(num_classes):
+        members = (cpu_labels == label).nonzero().squeeze(1)
+        if members.numel() <= per_class:
+            raise ValueError(f"class {label} has {members.numel()} images; holding out "
+                             f"{per_class} would leave none to train on")
+        chosen = members[torch.randperm(members.numel(), generator=generator)[:per_class]]
+        held_out[chosen] = True
+    held_out = held_out.to(labels.device)
+    return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
+
+
+class DropoutSweep(NamedTuple):
+    """Output of :func:`choose_dropout`."""
+
+    rows: list[dict[str, Any]]
+    """One dict per candidate: ``dropout``, ``conv_dropout``, ``nll``, ``accuracy``,
+    ``ece``, ``brier`` (of the MC predictive on the held-out images), ``seconds``
+    (its training time, :attr:`TrainedMethods.recorded_seconds`) and ``origin``."""
+    chosen: tuple[float, float]
+    """``(dropout, conv_dropout)`` of the candidate with the lowest held-out NLL."""
+    seconds: float
+    """Wall-clock seconds of this call (training what was not reused, and scoring)."""
+    training_seconds: float
+    """Training seconds of all candidates, reused ones included (what the sweep costs)."""
+
+
+def choose_dropout(
+    data: CIFAR10Data,
+    base_config: TrainConfig,
+    candidates: Sequence[tuple[float, float]],
+    validation_size: int,
+    epochs: int,
+    num_samples: int,
+    out_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    num_bins: int = NUM_BINS,
+    log: Callable[[str], None] = print,
+) -> DropoutSweep:
+    r"""Choose MC dropout's ``(dropout, conv_dropout)`` by the NLL on held-out images.
+
+    The training set of ``base_config`` (:func:`bnn_course.train.training_set`) is split by
+    :func:`validation_split` into ``validation_size`` held-out images and the rest. Each
+    candidate ``(dense rate, conv rate)`` trains an ``"mc_dropout"`` network with
+    ``base_config``'s budget but ``epochs`` epochs on the rest (:func:`train_methods`, so a
+    finished run in ``out_dir/<candidate>/mc_dropout`` is reused), and is scored on the
+    held-out images by the metrics of its MC predictive with ``num_samples`` passes
+    (:func:`summary_metrics`). The chosen candidate minimises the NLL
+    :math:`-\frac1V\sum_v \log \bar p(y_v \mid x_v)`, a proper scoring rule that judges the
+    probabilities, not only the top class; accuracy, ECE and Brier score are reported too.
+    The test set is never looked at.
+    """
+    if not candidates:
+        raise ValueError("candidates must hold at least one (dropout, conv_dropout) pair")
+    for dense, conv in candidates:
+        if not (0 <= dense < 1 and 0 <= conv < 1 and (dense > 0 or conv > 0)):
+            raise ValueError(f"candidate ({dense}, {conv}): both rates must be in [0, 1) "
+                             "and at least one above 0")
+    started = time.perf_counter()
+    from bnn_course.train import training_set
+
+    images, labels = training_set(base_config, data)
+    rest_images, rest_labels, held_images, held_labels = validation_split(
+        images, labels, validation_size, seed)
+    split = dataclasses.replace(
+        data, train_images=rest_images, train_labels=rest_labels, test_images=held_images,
+        test_labels=held_labels,
+        source=f"{data.source}; {rest_labels.shape[0]:,} training images of a split "
+               f"holding out {validation_size:,} (seed {seed})")
+    rows = []
+    for dense, conv in candidates:
+        config = dataclasses.replace(base_config, model="mc_dropout", dropout=dense,
+                                     conv_dropout=conv, epochs=epochs, train_subset=None)
+        run_dir = (Path(out_dir) / f"dropout{dense:g}-conv{conv:g}"
+                   if out_dir is not None else None)
+        trained = train_methods(split, config, ("mc_dropout",), out_dir=run_dir,
+                                log=lambda _line: None)
+        model = trained.models["mc_dropout"][0]
+        probs = sample_probs_for("mc_dropout", model, held_images.to(_model_device(model)),
+                                 num_samples, batch_size, autocast_dtype)
+        metrics = summary_metrics(probs, held_labels, num_bins)
+        row = {"dropout": dense, "conv_dropout": conv,
+               **{key: metrics[key] for key in ("nll", "accuracy", "ece", "brier")},
+               "seconds": trained.recorded_seconds["mc_dropout"],
+               "origin": trained.origins["mc_dropout"]}
+        rows.append(row)
+        log(f"dropout {dense:g}, conv_dropout {conv:g}: held-out NLL {row['nll']:.4f}, "
+            f"accuracy {row['accuracy']:.4f}, ECE {row['ece']:.4f}; "
+            f"{row['origin'].split(',')[0].split(' (')[0]}")
+    best = min(rows, key=lambda row: row["nll"])
+    return DropoutSweep(rows, (best["dropout"], best["conv_dropout"]),
+                        time.perf_counter() - started, sum(row["seconds"] for row in rows))
+
+
+# --------------------------------------------------------------------------------------
+# Paired standard errors and verdicts in words
+# --------------------------------------------------------------------------------------
+
+
+def paired_difference(values_a: torch.Tensor, values_b: torch.Tensor) -> tuple[float, float]:
+    r"""Mean of the per-image differences :math:`d_n = a_n - b_n` and its standard error
+    :math:`\mathrm{sd}(d)/\sqrt{N}` (``values_a``, ``values_b`` of shape ``(N,)``, the same
+    images in the same order; e.g. correctness or per-image NLL of two methods)."""
+    if values_a.shape != values_b.shape or values_a.dim() != 1 or values_a.numel() < 2:
+        raise ValueError(f"need two (N,) tensors with N >= 2, got {tuple(values_a.shape)} "
+                         f"and {tuple(values_b.shape)}")
+    d = values_a.double().cpu() - values_b.double().cpu()
+    return d.mean().item(), d.std().item() / math.sqrt(d.numel())
+
+
+def resample_weights(size: int, num_resamples: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bootstrap resamples of ``size`` items as multiplicities: float64 ``(R, size)``.
+
+    Row ``r`` counts how often each item is drawn in ``size`` draws with replacement, so a
+    weighted statistic with row ``r`` as weights is the statistic of the ``r``-th resample.
+    Giving two methods the same rows makes their bootstrap differences *paired*, and the
+    standard deviation over rows of a statistic's difference is its bootstrap standard error.
+    """
+    if size < 1 or num_resamples < 1:
+        raise ValueError(f"size and num_resamples must be >= 1, got {size}, {num_resamples}")
+    draws = torch.randint(size, (num_resamples, size), generator=generator)
+    weights = torch.zeros(num_resamples, size, dtype=torch.float64)
+    return weights.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+
+
+def weighted_ece(probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                 num_bins: int = NUM_BINS) -> torch.Tensor:
+    r"""The ECE of :func:`~bnn_course.metrics.expected_calibration_error` with item weights.
+
+    :math:`\mathrm{ECE}_r = \sum_m |\sum_{n \in B_m} w_{rn}([\hat y_n = y_n] - c_n)| /
+    \sum_n w_{rn}`, the same bins; with weights 1 it is the plain ECE, with
+    :func:`resample_weights` the ECE of each bootstrap resample. ``probs`` ``(N, K)``,
+    ``labels`` ``(N,)``, ``weights`` ``(R, N)``; returns float64 ``(R,)`` on the CPU.
+    """
+    confidence, prediction = probs.detach().cpu().double().max(-1)
+    gap = (prediction == labels.cpu()).double() - confidence  # (N,)
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
+    index = torch.bucketize(confidence, edges[1:-1], right=False)
+    one_hot = torch.zeros(gap.numel(), num_bins, dtype=torch.float64)
+    one_hot[torch.arange(gap.numel()), index] = gap
+    w = weights.cpu().double()
+    return (w @ one_hot).abs().sum(1) / w.sum(1)
+
+
+def weighted_auroc(score_in: torch.Tensor, score_out: torch.Tensor,
+                   weights_in: torch.Tensor, weights_out: torch.Tensor) -> torch.Tensor:
+    r"""AUROC of a score, in-distribution (negatives) against OOD (positives), with weights.
+
+    :math:`\mathrm{AUROC}_r = \sum_{j} v_{rj} \big(\sum_{i: s_i < t_j} w_{ri}
+    + \tfrac12 \sum_{i: s_i = t_j} w_{ri}\big) / (\sum_i w_{ri} \sum_j v_{rj})` for
+    negatives' scores :math:`s` ``(N,)`` with weights ``weights_in`` ``(R, N)`` and positives'
+    scores :math:`t` ``(M,)`` with ``weights_out`` ``(R, M)``: with weights 1 it is
+    :func:`~bnn_course.metrics.auroc`, with :func:`resample_weights` that of each bootstrap
+    resample, all ``R`` from one sort. Returns float64 ``(R,)`` on the CPU.
+    """
+    s, order = torch.sort(score_in.detach().cpu().double())
+    t = score_out.detach().cpu().double()
+    below = torch.searchsorted(s, t, right=False)
+    up_to = torch.searchsorted(s, t, right=True)
+    w_in = weights_in.cpu().double()[:, order]
+    cumulative = torch.cat([torch.zeros(w_in.shape[0], 1, dtype=torch.float64),
+                            w_in.cumsum(1)], dim=1)  # (R, N + 1)
+    lower = cumulative[:, below]
+    tied = cumulative[:, up_to] - lower
+    w_out = weights_out.cpu().double()
+    return ((lower + 0.5 * tied) * w_out).sum(1) / (w_in.sum(1) * w_out.sum(1))
+
+
+def verdict(difference: float, standard_error: float, direction: int, digits: int = 3,
+            threshold: float = 2.0) -> str:
+    """A difference ``a - b`` and its paired standard error in words, from ``a``'s side.
+
+    ``direction`` is +1 when larger is better (accuracy, AUROC), -1 when smaller is (NLL,
+    ECE, Brier). Returns ``"better by 0.012 +- 0.004"``, ``"worse by ..."``, or
+    ``"no difference beyond 2 paired standard errors (+0.003 +- 0.004)"`` when
+    ``|difference| <= threshold * standard_error``.
+    """
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1 or -1, got {direction}")
+    if math.isnan(difference) or math.isnan(standard_error):
+        return "not measured"
+    if abs(difference) <= threshold * standard_error:
+        return (f"no difference beyond {threshold:g} paired standard errors "
+                f"({difference:+.{digits}f} +- {standard_error:.{digits}f})")
+    word = "better" if difference * direction > 0 else "worse"
+    return f"{word} by {abs(difference):.{digits}f} +- {standard_error:.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------
+# What each method costs
+# --------------------------------------------------------------------------------------
+
+
+def cost_rows(trained: TrainedMethods, passes: Mapping[str, int],
+              prediction_seconds: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per method of ``trained``: what it costs to train and to predict.
+
+    Keys: ``method``; ``networks`` (networks the method needs: ``M`` for the ensemble);
+    ``trained_here`` (of those, trained in this run); ``training_seconds`` (the sum of
+    :attr:`TrainedMethods.recorded_seconds` of its networks; the ensemble's member 0, the
+    same network as the deterministic twin, is counted with the twin's time, since an
+    ensemble on its own would have to train it); ``passes`` (forward passes per prediction,
+    ``passes[method]``); ``prediction_seconds`` (``prediction_seconds[method]``, measured
+    by the caller).
+    """
+    runs = {method: [name for name in trained.origins
+                     if name == method or name.startswith(f"{method}-")]
+            for method in trained.models}
+    rows = []
+    for method, names in runs.items():
+        seconds = 0.0
+        for name in names:
+            origin = trained.origins[name]
+            if origin.startswith("same network as "):
+                other = origin.removeprefix("same network as ").split(" ")[0]
+                seconds += trained.recorded_seconds.get(other, 0.0)
+            else:
+                seconds += trained.recorded_seconds.get(name, 0.0)
+        rows.append({"method": method, "networks": len(trained.models[method]),
+                     "trained_here": sum(trained.origins[n].startswith("trained")
+                                         for n in names),
+                     "training_seconds": seconds, "passes": int(passes[method]),
+                     "prediction_seconds": float(prediction_seconds[method])})
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -794,8 +1095,9 @@ def _main(argv: list[str]) -> dict[str, Any]:
     if corruptions and (bad_severities or not args.severities):
         parser.error(f"--severities must be among {','.join(map(str, SEVERITIES))}, got "
                      f"{','.join(map(str, args.severities)) or 'none'}")
-    if "mc_dropout" in args.methods and not args.dropout > 0:
-        parser.error(f"mc_dropout needs --dropout > 0, got {args.dropout}")
+    if "mc_dropout" in args.methods and not (args.dropout > 0 or args.conv_dropout > 0):
+        parser.error(f"mc_dropout needs --dropout > 0 or --conv-dropout > 0, got "
+                     f"{args.dropout} and {args.conv_dropout}")
     from bnn_course.ood import OOD_SET_NAMES
 
     unknown_sets = [name for name in args.ood_sets or () if name not in OOD_SET_NAMES]

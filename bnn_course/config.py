@@ -3,7 +3,10 @@
 A notebook never branches on the mode itself: it asks :func:`budget` for its numbers.
 
 * **full** mode is what readers and the rendered book get: budgets large enough that the
-  figures and numbers mean something.
+  figures and numbers mean something. Chapters 6-8, which train on CIFAR-10, have two
+  *tiers* of full mode, chosen by the hardware: the **GPU tier** on a CUDA device and the
+  **CPU tier** everywhere else, sized so that each of those chapters finishes within about
+  25 minutes on a 2-core CPU. The other chapters have one full budget for both tiers.
 * **smoke** mode is what CI and ``pytest`` get (``conftest.py`` sets ``BNN_COURSE_SMOKE=1``):
   the same code paths on tiny budgets, only to prove that every cell runs.
 
@@ -12,6 +15,9 @@ Environment variables
 ``BNN_COURSE_SMOKE``
     ``1``/``true``/``yes``/``on`` selects smoke mode; ``0``/``false``/``no``/``off`` or unset
     selects full mode. Anything else is an error (a typo must not silently pick a mode).
+``BNN_COURSE_TIER``
+    ``gpu`` or ``cpu`` forces that tier of full mode; unset (or ``auto``) picks the GPU tier
+    when CUDA is available and the CPU tier otherwise. Anything else is an error.
 ``BNN_COURSE_DATA``
     A folder holding CIFAR-10 (used from chapter 6 on).
 ``BNN_COURSE_DEBUG``
@@ -25,13 +31,18 @@ import os
 from types import MappingProxyType, SimpleNamespace
 
 SMOKE_ENV = "BNN_COURSE_SMOKE"
+TIER_ENV = "BNN_COURSE_TIER"
+TIERS = ("gpu", "cpu")
 DATA_ENV = "BNN_COURSE_DATA"
 DEBUG_ENV = "BNN_COURSE_DEBUG"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
-# One flat dictionary per chapter and mode. Keys are the knobs a chapter turns.
+# One flat dictionary per chapter and mode. Keys are the knobs a chapter turns. A chapter
+# has either one "full" budget, or a "gpu" and a "cpu" one (the tiers of full mode).
+# `check_outcomes`: the chapter asserts the outcomes its prose states (a network learns, a
+# method beats chance); smoke mode's networks are too small and too briefly trained for that.
 BUDGETS: MappingProxyType = MappingProxyType(
     {
         "weights": {
@@ -66,64 +77,117 @@ BUDGETS: MappingProxyType = MappingProxyType(
             "smoke": {"batch_size": 4, "num_samples": 5, "num_shown": 3,
                       "num_log_sigmas": 3, "timing_repeats": 1},
         },
+        # Chapter 6. GPU tier: the book's recipe (TrainConfig's defaults), 30 epochs, about
+        # 3 minutes on one H100. CPU tier: 4 epochs without augmentation at learning rate
+        # 3e-3 on batches of 128 (augmentation slows learning on so short a budget), all
+        # 50,000 training and 10,000 test images; the deterministic twin gets the same
+        # budget. Measured wall time on a 2-core CPU: README.
         "training": {
-            "full": {"epochs": 30, "batch_size": 256, "channels": (32, 64, 128),
-                     "hidden_features": 256, "train_subset": None, "test_per_class": None,
-                     "epoch_eval_samples": 4, "eval_samples": 20, "max_mc_samples": 32,
-                     "num_shown": 8, "num_augment_check": 20_000, "run_dir": "runs/ch06"},
-            "smoke": {"epochs": 2, "batch_size": 100, "channels": (4, 8, 16),
-                      "hidden_features": 32, "train_subset": 1000, "test_per_class": 30,
-                      "epoch_eval_samples": 2, "eval_samples": 4, "max_mc_samples": 4,
-                      "num_shown": 4, "num_augment_check": 2000,
-                      "run_dir": "runs/ch06-smoke"},
+            "gpu": {"check_outcomes": True,
+                    "epochs": 30, "batch_size": 256, "lr": 1e-3, "augment": True,
+                    "channels": (32, 64, 128), "hidden_features": 256,
+                    "train_subset": None, "test_per_class": None,
+                    "epoch_eval_samples": 4, "eval_samples": 20, "max_mc_samples": 32,
+                    "num_shown": 8, "num_augment_check": 20_000, "run_dir": "runs/ch06",
+                    "twin_run_dir": "runs/ch06-twin"},
+            "cpu": {"check_outcomes": True,
+                    "epochs": 4, "batch_size": 128, "lr": 3e-3, "augment": False,
+                    "channels": (32, 64, 128), "hidden_features": 256,
+                    "train_subset": None, "test_per_class": None,
+                    "epoch_eval_samples": 2, "eval_samples": 8, "max_mc_samples": 8,
+                    "num_shown": 8, "num_augment_check": 20_000, "run_dir": "runs/ch06-cpu",
+                    "twin_run_dir": "runs/ch06-cpu-twin"},
+            "smoke": {"check_outcomes": False,
+                      "epochs": 2, "batch_size": 100, "lr": 3e-3, "augment": True,
+                      "channels": (4, 8, 16), "hidden_features": 32, "train_subset": 1000,
+                      "test_per_class": 30, "epoch_eval_samples": 2, "eval_samples": 4,
+                      "max_mc_samples": 4, "num_shown": 4, "num_augment_check": 2000,
+                      "run_dir": "runs/ch06-smoke", "twin_run_dir": "runs/ch06-smoke-twin"},
         },
-        # Chapter 7. Ablation runs of `epochs` epochs on all 50,000 images; the two sigma = 1
-        # recipes run `long_epochs` (the "more than 100 epochs" question). Estimate on one
-        # H100 (bf16; ~27k training images/s for the BayesianCNN, ~80k/s for the twin;
-        # sampled forward passes ~80k/s): 2 x 20 epochs ~ 77 s, 4 x 8 epochs ~ 61 s, the twin
-        # 8 epochs ~ 5 s (per-epoch test evaluation with the means only, ~0.1 s an epoch);
-        # final predictions 6 x 10k images x 11 passes ~ 8 s; diagnostics on 500 images
-        # ~ 5 s; start-up, data and figures ~ 15-20 s. About 2.9 minutes (3.8 at 20k/s).
+        # Chapter 7. Nine runs: seven of `epochs` epochs on all 50,000 images, and the two
+        # sigma = 1 recipes for `long_epochs` (the "more than 100 epochs" question). GPU
+        # tier, estimated on one H100 (bf16; ~27k training images/s for the BayesianCNN,
+        # ~80k/s for the twin): the short runs ~2.5 minutes, the two 100-epoch runs ~3
+        # minutes each. CPU tier: one epoch per short run and two for the long ones, tested
+        # on 1,000 images (README: measured wall time).
         "diagnosis": {
-            "full": {"epochs": 8, "long_epochs": 20, "batch_size": 256,
-                     "channels": (32, 64, 128), "hidden_features": 256, "train_subset": None,
-                     "test_per_class": None, "epoch_eval_samples": 0, "eval_samples": 10,
-                     "log_interval": 20, "diagnostic_batch": 500, "num_noise_samples": 16,
-                     "num_gradient_samples": 4, "num_logit_check": 10_000},
-            "smoke": {"epochs": 1, "long_epochs": 2, "batch_size": 50,
+            "gpu": {"check_outcomes": True,
+                    "epochs": 8, "long_epochs": 100, "batch_size": 256,
+                    "channels": (32, 64, 128), "hidden_features": 256, "train_subset": None,
+                    "test_per_class": None, "epoch_eval_samples": 0, "eval_samples": 10,
+                    "log_interval": 20, "diagnostic_batch": 500, "num_noise_samples": 16,
+                    "num_gradient_samples": 4, "num_logit_check": 10_000},
+            "cpu": {"check_outcomes": True,
+                    "epochs": 1, "long_epochs": 2, "batch_size": 256,
+                    "channels": (32, 64, 128), "hidden_features": 256, "train_subset": None,
+                    "test_per_class": 100, "epoch_eval_samples": 0, "eval_samples": 6,
+                    "log_interval": 10, "diagnostic_batch": 250, "num_noise_samples": 8,
+                    "num_gradient_samples": 2, "num_logit_check": 10_000},
+            "smoke": {"check_outcomes": False,
+                      "epochs": 1, "long_epochs": 2, "batch_size": 50,
                       "channels": (4, 8, 16), "hidden_features": 32, "train_subset": 500,
                       "test_per_class": 20, "epoch_eval_samples": 0, "eval_samples": 4,
                       "log_interval": 2, "diagnostic_batch": 40, "num_noise_samples": 4,
                       "num_gradient_samples": 2, "num_logit_check": 200},
         },
-        # Chapter 8. Every method gets chapter 6's training budget (same architecture, 30
-        # epochs of 50,000 images), so chapter 6's BayesianCNN is reused when present.
-        # Estimate on one H100 (bf16; ~27k training images/s for the BayesianCNN, ~80k/s for
-        # the twins; forward passes ~80k/s and ~250k/s): training the twin, MC dropout and 4
-        # new ensemble members (member 0 is the twin) 5 x 1.5M images ~ 95 s (+ ~55 s if the
-        # BayesianCNN is not reused); clean test + OOD sets (~28k images) x 21 passes ~ 10 s;
-        # 9 corruptions x 5 severities x 10k images x (1 + 4) passes ~ 50 s, with ~10 s
-        # to corrupt (JPEG on the CPU); data, OOD sets, figures ~ 30 s. About 3.5 minutes
-        # with runs/ch06 reused, about 4.5 without.
+        # Chapter 8. Every method gets chapter 6's training budget of the same tier (same
+        # architecture, epochs, learning rate, batch size, augmentation), so chapter 6's
+        # BayesianCNN and deterministic twin are reused when present. MC dropout's rates
+        # (dense, conv) are chosen among `dropout_candidates` by the NLL on `validation_size`
+        # held-out training images, each candidate trained for `sweep_epochs` epochs on the
+        # rest. GPU tier, estimated on one H100: about 5 minutes. CPU tier, with chapter 6's
+        # two networks reused: the sweep (3 candidates x 1 epoch), MC dropout and two new
+        # ensemble members (4 epochs each) take about 17 minutes of a 2-core CPU, the
+        # predictions (clean test set, 500 images per OOD set, 45 corrupted copies of a
+        # 500-image subset) about 4 (README: measured wall time).
         "uncertainty": {
-            "full": {"epochs": 30, "batch_size": 256, "channels": (32, 64, 128),
-                     "hidden_features": 256, "train_subset": None, "test_per_class": None,
-                     "dropout": 0.1, "ensemble_size": 5, "eval_samples": 20,
-                     "corruption_samples": 4,
-                     "corruptions": ("gaussian_noise", "shot_noise", "impulse_noise",
-                                     "speckle_noise", "gaussian_blur", "contrast",
-                                     "brightness", "pixelate", "jpeg_compression"),
-                     "severities": (1, 2, 3, 4, 5), "ood_max_images": 5000,
-                     "ood_download": True, "num_shown": 8, "run_dir": "runs/ch08",
-                     "bayesian_checkpoint": "runs/ch06/checkpoint.pt"},
-            "smoke": {"epochs": 2, "batch_size": 100, "channels": (4, 8, 16),
-                      "hidden_features": 32, "train_subset": 1000, "test_per_class": 30,
-                      "dropout": 0.1, "ensemble_size": 2, "eval_samples": 4,
-                      "corruption_samples": 2,
+            "gpu": {"check_outcomes": True,
+                    "epochs": 30, "batch_size": 256, "lr": 1e-3, "augment": True,
+                    "channels": (32, 64, 128), "hidden_features": 256,
+                    "train_subset": None, "test_per_class": None,
+                    "dropout_candidates": ((0.1, 0.0), (0.3, 0.0), (0.5, 0.0), (0.1, 0.1),
+                                           (0.3, 0.1), (0.5, 0.2)),
+                    "validation_size": 5000, "sweep_epochs": 30, "ensemble_size": 5,
+                    "eval_samples": 20, "corruption_samples": 4,
+                    "corruption_test_size": None,
+                    "corruptions": ("gaussian_noise", "shot_noise", "impulse_noise",
+                                    "speckle_noise", "gaussian_blur", "contrast",
+                                    "brightness", "pixelate", "jpeg_compression"),
+                    "severities": (1, 2, 3, 4, 5), "ood_max_images": 5000,
+                    "ood_download": True, "num_bootstrap": 200, "num_shown": 8,
+                    "run_dir": "runs/ch08",
+                    "bayesian_checkpoint": "runs/ch06/checkpoint.pt",
+                    "twin_checkpoint": "runs/ch06-twin/checkpoint.pt"},
+            "cpu": {"check_outcomes": True,
+                    "epochs": 4, "batch_size": 128, "lr": 3e-3, "augment": False,
+                    "channels": (32, 64, 128), "hidden_features": 256,
+                    "train_subset": None, "test_per_class": None,
+                    "dropout_candidates": ((0.1, 0.0), (0.3, 0.0), (0.3, 0.1)),
+                    "validation_size": 2000, "sweep_epochs": 1, "ensemble_size": 3,
+                    "eval_samples": 8, "corruption_samples": 2,
+                    "corruption_test_size": 500,
+                    "corruptions": ("gaussian_noise", "shot_noise", "impulse_noise",
+                                    "speckle_noise", "gaussian_blur", "contrast",
+                                    "brightness", "pixelate", "jpeg_compression"),
+                    "severities": (1, 2, 3, 4, 5), "ood_max_images": 500,
+                    "ood_download": True, "num_bootstrap": 100, "num_shown": 8,
+                    "run_dir": "runs/ch08-cpu",
+                    "bayesian_checkpoint": "runs/ch06-cpu/checkpoint.pt",
+                    "twin_checkpoint": "runs/ch06-cpu-twin/checkpoint.pt"},
+            "smoke": {"check_outcomes": False,
+                      "epochs": 2, "batch_size": 100, "lr": 3e-3, "augment": True,
+                      "channels": (4, 8, 16), "hidden_features": 32, "train_subset": 1000,
+                      "test_per_class": 30,
+                      "dropout_candidates": ((0.1, 0.0), (0.3, 0.1)),
+                      "validation_size": 200, "sweep_epochs": 1, "ensemble_size": 2,
+                      "eval_samples": 4, "corruption_samples": 2,
+                      "corruption_test_size": 100,
                       "corruptions": ("gaussian_noise", "contrast", "jpeg_compression"),
                       "severities": (1, 3, 5), "ood_max_images": 200,
-                      "ood_download": False, "num_shown": 4, "run_dir": "runs/ch08-smoke",
-                      "bayesian_checkpoint": "runs/ch06-smoke/checkpoint.pt"},
+                      "ood_download": False, "num_bootstrap": 20, "num_shown": 4,
+                      "run_dir": "runs/ch08-smoke",
+                      "bayesian_checkpoint": "runs/ch06-smoke/checkpoint.pt",
+                      "twin_checkpoint": "runs/ch06-smoke-twin/checkpoint.pt"},
         },
     }
 )
@@ -171,16 +235,50 @@ def mode() -> str:
     return "smoke" if is_smoke() else "full"
 
 
+def tier() -> str:
+    """The tier of full mode: ``"gpu"`` or ``"cpu"``.
+
+    ``BNN_COURSE_TIER`` forces one; unset, empty or ``auto`` picks ``"gpu"`` when CUDA is
+    available and ``"cpu"`` otherwise (an Apple GPU gets the CPU tier: its speed on these
+    networks is not measured).
+
+    Raises
+    ------
+    ValueError
+        If ``BNN_COURSE_TIER`` holds anything else.
+    """
+    raw = os.environ.get(TIER_ENV, "").strip().lower()
+    if raw in TIERS:
+        return raw
+    if raw not in ("", "auto"):
+        raise ValueError(
+            f"{TIER_ENV}={os.environ[TIER_ENV]!r} is not understood; use 'gpu', 'cpu' or "
+            "'auto' (the default: the GPU tier when CUDA is available)."
+        )
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def budget_name(chapter: str) -> str:
+    """Which budget of ``chapter`` applies now: ``"smoke"``, ``"full"``, ``"gpu"`` or
+    ``"cpu"``."""
+    if chapter not in BUDGETS:
+        raise KeyError(f"unknown chapter {chapter!r}; known chapters: {sorted(BUDGETS)}")
+    if is_smoke():
+        return "smoke"
+    return "full" if "full" in BUDGETS[chapter] else tier()
+
+
 def budget(chapter: str) -> SimpleNamespace:
-    """The budget of ``chapter`` in the current mode, as attributes.
+    """The budget of ``chapter`` in the current mode (and tier), as attributes.
 
     >>> b = budget("elbo")
     >>> b.steps  # doctest: +SKIP
-    4000
+    2000
     """
-    if chapter not in BUDGETS:
-        raise KeyError(f"unknown chapter {chapter!r}; known chapters: {sorted(BUDGETS)}")
-    return SimpleNamespace(**BUDGETS[chapter][mode()])
+    name = budget_name(chapter)
+    return SimpleNamespace(**BUDGETS[chapter][name])
 
 
 def data_root() -> str | None:

@@ -1,4 +1,11 @@
-r"""CIFAR-10-C corruptions (Hendrycks & Dietterich, 2019), batched, in torch, on any device.
+r"""CIFAR-10-C-style corruptions, batched, in torch, on any device.
+
+These are *re-implementations* of nine of the corruptions of CIFAR-10-C (Hendrycks &
+Dietterich, 2019), with the per-severity parameters of Hendrycks' ``make_cifar_c.py``;
+they are not the released CIFAR-10-C files. The noise is drawn from another generator and
+some filters are re-implemented, so accuracies measured on these images are *not directly
+comparable* with numbers reported on the released CIFAR-10-C (they should be close, not
+equal).
 
 Hendrycks and Dietterich build CIFAR-10-C by applying 15 (+4 extra) corruptions at five
 severities to the CIFAR-10 test set. Their script processes one PIL image at a time with
@@ -68,7 +75,8 @@ SEVERITY_PARAMETERS: dict[str, tuple] = {
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # relative size of the downscaled image
     "jpeg_compression": (80, 65, 58, 50, 40),  # JPEG quality
 }
-"""Published CIFAR-10-C parameter of each corruption at severities 1..5 (``make_cifar_c.py``)."""
+"""The parameter of each CIFAR-10-C-style corruption at severities 1..5, as published in
+``make_cifar_c.py``."""
 
 _TRUNCATION_TOLERANCE = 1e-3  # grey levels; see "Rounding" in the module docstring
 

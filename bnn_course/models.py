@@ -69,8 +69,9 @@ class CNNStack(nn.Module):
         [conv(c_{l-1}, c_l), ReLU, conv(c_l, c_l), ReLU, MaxPool2d(2)]   l = 1..L, c_0 = C
         Flatten, [Dropout], dense(F, hidden), ReLU, [Dropout], dense(hidden, K)
 
-    with :math:`F = c_L (S / 2^L)^2` features (:func:`flat_feature_count`) and the dropout
-    stages only for ``dropout > 0``. The layers are registered as ``convs`` (a
+    (each block followed by ``[Dropout(conv_dropout)]``) with :math:`F = c_L (S / 2^L)^2`
+    features (:func:`flat_feature_count`) and the dropout stages only for a probability
+    above 0. The layers are registered as ``convs`` (a
     ``ModuleList``), ``hidden`` and ``classifier``; ReLU, pooling, flatten and dropout are
     stateless and not registered (they have no parameters, and :meth:`stages` lists them).
 
@@ -83,7 +84,10 @@ class CNNStack(nn.Module):
         :math:`K`, :math:`C`, :math:`S` (square images, divisible by :math:`2^L`),
         :math:`(c_1, \ldots, c_L)` (non-empty) and the hidden width.
     dropout:
-        Probability of the dropout stages; 0 leaves them out.
+        Probability of the dropout stages before the two dense layers; 0 leaves them out.
+    conv_dropout:
+        Probability of a dropout stage after every block of two convolutions (after its
+        pooling); 0 (the default) leaves them out.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class CNNStack(nn.Module):
         channels: Sequence[int],
         hidden_features: int,
         dropout: float = 0.0,
+        conv_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
@@ -105,11 +110,14 @@ class CNNStack(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= conv_dropout < 1.0:
+            raise ValueError(f"conv_dropout must be in [0, 1), got {conv_dropout}")
         flat_features = flat_feature_count(image_size, channels)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.image_size = int(image_size)
         self.dropout = float(dropout)
+        self.conv_dropout = float(conv_dropout)
         convs: list[nn.Module] = []
         previous = self.in_channels
         for width in _check_channels(channels):
@@ -124,6 +132,8 @@ class CNNStack(nn.Module):
             stages += [layer, nn.ReLU()]
             if index % 2 == 1:  # end of a block of two convolutions
                 stages.append(nn.MaxPool2d(2))
+                if self.conv_dropout > 0:
+                    stages.append(nn.Dropout(self.conv_dropout))
         stages.append(nn.Flatten(1))
         for layer, activation in ((self.hidden, nn.ReLU()), (self.classifier, None)):
             if self.dropout > 0:
@@ -242,8 +252,9 @@ class DeterministicCNN(CNNStack):
     With ``dropout > 0`` it is the MC-dropout baseline (Gal & Ghahramani, 2016): dropout
     with probability ``dropout`` before the hidden and the output dense layers, active
     whenever ``sample=True`` (in training *and* at test time, so that repeated stochastic
-    passes are samples of an approximate posterior) and off with ``sample=False``. With
-    ``dropout = 0`` (the default) ``sample`` changes nothing.
+    passes are samples of an approximate posterior) and off with ``sample=False``;
+    ``conv_dropout > 0`` adds such a stage after every convolution block. With both 0 (the
+    default) ``sample`` changes nothing.
     """
 
     def __init__(
@@ -254,11 +265,13 @@ class DeterministicCNN(CNNStack):
         channels: Sequence[int] = (32, 64, 128),
         hidden_features: int = 256,
         dropout: float = 0.0,
+        conv_dropout: float = 0.0,
     ) -> None:
         super().__init__(
             lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1), nn.Linear,
             num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-            channels=channels, hidden_features=hidden_features, dropout=dropout)
+            channels=channels, hidden_features=hidden_features, dropout=dropout,
+            conv_dropout=conv_dropout)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Log-probabilities (B, num_classes); ``sample`` switches MC dropout on or off."""

@@ -13,8 +13,25 @@ import inspect
 from typing import Any
 
 
+def _plain_number(value: Any) -> Any:
+    """``value`` as a plain Python number when it is a NumPy scalar or a one-element tensor.
+
+    MyST-NB stores the ``repr`` of a glued value and formats that text; the ``repr`` of a
+    NumPy 2 scalar, ``np.float64(0.5)``, cannot be formatted as a number.
+    """
+    item = getattr(value, "item", None)
+    if item is not None and getattr(value, "ndim", None) == 0 and callable(item):
+        return item()
+    return value
+
+
 def glue(name: str, value: Any, display: bool = False) -> None:
-    """Glue ``value`` under ``name`` for ``{glue:}`` references in the book's prose."""
+    """Glue ``value`` under ``name`` for ``{glue:}`` references in the book's prose.
+
+    NumPy scalars and zero-dimensional tensors are glued as Python numbers, so that a
+    format such as ``{glue:text}`name:.2f``` works on them.
+    """
+    value = _plain_number(value)
     try:
         from myst_nb import glue as myst_glue
     except ImportError:  # Colab or plain Jupyter: show the value instead

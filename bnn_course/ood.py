@@ -9,6 +9,12 @@
 * ``"sklearn-digits"`` -- offline: scikit-learn's 1,797 handwritten digits
   (:func:`sklearn.datasets.load_digits`, 8x8 grey levels 0..16, shipped with the package),
   scaled to 0..255, resized bilinearly to 32x32 and copied to three channels;
+* ``"sklearn-photos"`` -- offline natural images: square crops of the two colour
+  photographs scikit-learn ships (:func:`sklearn.datasets.load_sample_images`, 427x640 RGB:
+  ``china.jpg``, a pagoda among trees above a lake, and ``flower.jpg``, a dahlia before
+  blurred foliage), 32, 64, 96 or 128 pixels wide at random positions, shrunk to 32x32 by
+  averaging blocks of 1x1 to 4x4 pixels (as CIFAR-10's images are shrunk photographs):
+  textures and scenes of none of CIFAR-10's classes;
 * ``"uniform-noise"``, ``"gaussian-noise"``, ``"blobs"`` -- offline, synthetic, following
   the noise sets of Hendrycks et al. (2019, Outlier Exposure, ``test.py``): i.i.d. uniform
   pixels; i.i.d. Gaussian pixels :math:`N(0.5, 0.25^2)` clipped to [0, 1] (their
@@ -41,8 +47,14 @@ logger = logging.getLogger(__name__)
 NUM_SYNTHETIC = 2000
 """Images in each synthetic set (Outlier Exposure uses a fifth of the test set: 2,000)."""
 
-OOD_SET_NAMES: tuple[str, ...] = ("svhn", "cifar100", "sklearn-digits", "uniform-noise",
-                                  "gaussian-noise", "blobs")
+NUM_PHOTO_CROPS = 2000
+"""Crops in ``"sklearn-photos"`` (as many as in each synthetic set)."""
+
+PHOTO_CROP_SIZES: tuple[int, ...] = (32, 64, 96, 128)
+"""Side lengths, in pixels, of the square windows cut from the photographs."""
+
+OOD_SET_NAMES: tuple[str, ...] = ("svhn", "cifar100", "sklearn-digits", "sklearn-photos",
+                                  "uniform-noise", "gaussian-noise", "blobs")
 """Every set :func:`load_ood_sets` knows, in the order it tries them."""
 
 
@@ -86,6 +98,99 @@ def sklearn_digits(image_size: int = 32) -> torch.Tensor:
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = x.round().clamp(0, 255).to(torch.uint8)
     return x.expand(-1, 3, -1, -1).contiguous()
+
+
+def sklearn_sample_photos() -> list[torch.Tensor]:
+    """scikit-learn's two sample photographs, ``china.jpg`` and ``flower.jpg``.
+
+    Shipped with scikit-learn (:func:`sklearn.datasets.load_sample_images`, read with
+    Pillow), so always available offline. Returns two ``uint8 (3, 427, 640)`` tensors.
+    """
+    from sklearn.datasets import load_sample_images
+
+    return [torch.tensor(photo).permute(2, 0, 1).contiguous()
+            for photo in load_sample_images().images]
+
+
+def photo_crops(photos: list[torch.Tensor], n: int,
+                generator: torch.Generator | None = None,
+                crop_sizes: tuple[int, ...] = PHOTO_CROP_SIZES, image_size: int = 32,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``n`` square crops of ``photos``, shrunk to ``image_size`` by averaging blocks.
+
+    For each crop a photograph :math:`p` and a side :math:`s` are drawn uniformly from
+    ``photos`` and ``crop_sizes``, and a top-left corner :math:`(t, l)` uniformly among the
+    positions where the window fits, :math:`0 \le t \le H_p - s`,
+    :math:`0 \le l \le W_p - s`. With :math:`m` = ``image_size`` and :math:`k = s / m`,
+    the crop is the window averaged over :math:`k \times k` blocks (area averaging, the
+    antialiased way to shrink an image by an integer factor) and rounded:
+
+    .. math::
+
+        x_{cij} = \operatorname{round}\Big(\frac{1}{k^2} \sum_{a=0}^{k-1} \sum_{b=0}^{k-1}
+        P_{p,\,c,\,t + ki + a,\,l + kj + b}\Big),
+        \qquad 0 \le i, j < m.
+
+    At :math:`s = m` (:math:`k = 1`) the crop is the window itself.
+
+    Parameters
+    ----------
+    photos:
+        ``uint8 (3, H, W)`` images, each at least ``max(crop_sizes)`` high and wide.
+    n:
+        Number of crops.
+    generator:
+        Random numbers for the photographs, sizes and positions (drawn on its device).
+    crop_sizes:
+        Window sides in pixels, each a multiple of ``image_size``.
+    image_size:
+        Side of the returned images.
+
+    Returns
+    -------
+    (images, windows):
+        ``uint8 (n, 3, image_size, image_size)`` and ``int64 (n, 4)``, each row the
+        window of one crop: ``(photo index, top, left, side)``.
+    """
+    if any(size < image_size or size % image_size for size in crop_sizes):
+        raise ValueError(f"crop_sizes must be multiples of image_size={image_size}, "
+                         f"got {crop_sizes}")
+    for photo in photos:
+        if photo.ndim != 3 or min(photo.shape[1:]) < max(crop_sizes):
+            raise ValueError(f"photos must be (3, H, W) with H, W >= {max(crop_sizes)}, got "
+                             f"{tuple(photo.shape)}")
+    device = _random_device(generator)
+    photo_index = torch.randint(0, len(photos), (n,), generator=generator, device=device)
+    sides = torch.tensor(crop_sizes, device=device)[
+        torch.randint(0, len(crop_sizes), (n,), generator=generator, device=device)]
+    # floor(u * q) with u ~ U[0, 1) is uniform on {0, ..., q - 1}; q = H - s + 1 rows fit.
+    heights = torch.tensor([photo.shape[1] for photo in photos], device=device)[photo_index]
+    widths = torch.tensor([photo.shape[2] for photo in photos], device=device)[photo_index]
+    u = torch.rand((2, n), generator=generator, device=device)
+    tops = (u[0] * (heights - sides + 1)).floor().long().clamp(max=heights - sides)
+    lefts = (u[1] * (widths - sides + 1)).floor().long().clamp(max=widths - sides)
+    windows = torch.stack((photo_index, tops, lefts, sides), dim=1).cpu()
+
+    images = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
+    for side in crop_sizes:
+        rows = (windows[:, 3] == side).nonzero().flatten().tolist()
+        if not rows:
+            continue
+        cut = torch.stack([photos[photo][:, top:top + side, left:left + side]
+                           for photo, top, left, _ in windows[rows].tolist()])
+        # Block sums (at most 4 x 4 values <= 255) are exact in float32.
+        shrunk = F.avg_pool2d(cut.to(torch.float32), side // image_size)
+        images[rows] = shrunk.round().clamp(0, 255).to(torch.uint8)
+    return images, windows
+
+
+def sklearn_photos(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` crops of scikit-learn's sample photographs, ``uint8 (n, 3, 32, 32)``.
+
+    :func:`photo_crops` of :func:`sklearn_sample_photos` with the windows of
+    :data:`PHOTO_CROP_SIZES` (32 to 128 pixels, shrunk 1x to 4x).
+    """
+    return photo_crops(sklearn_sample_photos(), n, generator)[0]
 
 
 def uniform_noise(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -157,9 +262,11 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
     max_images:
         Keep at most this many images per set: a random subset (in the original order)
         drawn with ``generator``, or the first ``max_images`` when ``generator`` is ``None``.
-        The synthetic sets have ``min(max_images, NUM_SYNTHETIC)`` images.
+        The synthetic sets have ``min(max_images, NUM_SYNTHETIC)`` images, and
+        ``"sklearn-photos"`` has ``min(max_images, NUM_PHOTO_CROPS)`` crops.
     generator:
-        Random numbers for the subsets and the synthetic sets; seed it for repeatable sets.
+        Random numbers for the subsets, the crops and the synthetic sets; seed it for
+        repeatable sets.
 
     Returns
     -------
@@ -203,9 +310,18 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
                               f"synthetic: i.i.d. N(0.5, 0.25^2) pixels clipped, {n} images")
     sets["blobs"] = (blobs(n, generator),
                      f"synthetic: smoothed Bernoulli blobs (Outlier Exposure), {n} images")
+    # Drawn after the synthetic sets, so that these stay what they were for a given seed.
+    n_photos = NUM_PHOTO_CROPS if max_images is None else min(max_images, NUM_PHOTO_CROPS)
+    sets["sklearn-photos"] = (
+        sklearn_photos(n_photos, generator),
+        f"natural images: crops of scikit-learn's two sample photographs (china.jpg, a "
+        f"pagoda, trees, lake and sky; flower.jpg, a dahlia before blurred foliage), "
+        f"{'/'.join(map(str, PHOTO_CROP_SIZES))}-pixel windows at random positions, "
+        f"area-averaged to 32x32, {n_photos} images")
 
+    sets = {name: sets[name] for name in OOD_SET_NAMES if name in sets}
     used = ", ".join(f"{name} ({images.shape[0]})" for name, (images, _) in sets.items())
     _say(f"OOD sets used: {used}")
     for name, reason in skipped.items():
         _say(f"OOD set {name} skipped: {reason}")
-    return {name: sets[name] for name in OOD_SET_NAMES if name in sets}
+    return sets

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bnn_course import __version__
-from bnn_course.config import mode
+from bnn_course.config import mode, tier
 
 PREFIX = "Provenance:"
 
@@ -69,7 +69,8 @@ def device_description(device: torch.device | str | None = None) -> str:
 
 
 def provenance_line(data: str, device: torch.device | str | None = None) -> str:
-    """One line saying how a notebook's outputs were produced.
+    """One line saying how a notebook's outputs were produced: the mode (and, in full
+    mode, the tier of :func:`bnn_course.config.tier`), the device, the software and the data.
 
     Parameters
     ----------
@@ -80,7 +81,10 @@ def provenance_line(data: str, device: torch.device | str | None = None) -> str:
         The device the chapter computed on (default: CUDA when available, else CPU).
     """
     current = mode()
-    label = "full mode" if current == "full" else "smoke mode (tiny budgets, not for reading)"
+    if current == "full":
+        label = f"full mode, {tier().upper()} tier"
+    else:
+        label = "smoke mode (tiny budgets, not for reading)"
     today = datetime.date.today().isoformat()
     return (f"{PREFIX} {label} | {device_description(device)} | torch {torch.__version__} | "
             f"python {platform.python_version()} | bnn_course {__version__} | data: {data} | "

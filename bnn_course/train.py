@@ -62,6 +62,7 @@ from bnn_course.elbo import KL_SCALINGS, negative_elbo
 from bnn_course.evaluation import evaluate
 from bnn_course.layers import preferred_memory_format
 from bnn_course.models import BayesianCNN, DeterministicCNN
+from bnn_course.posterior import GaussianPosterior
 from bnn_course.provenance import device_description
 from bnn_course.run_folder import (
     RunFolderError,
@@ -111,6 +112,8 @@ class TrainConfig:
     epochs: int = _option(30, "passes over the training set")
     batch_size: int = _option(256, "examples per mini-batch")
     lr: float = _option(1e-3, "Adam learning rate")
+    sigma_lr_factor: float = _option(1.0, "the sigma parameters (log_sigma or rho) learn "
+                                     "at lr times this factor, in their own Adam group")
     schedule: str = _option("cosine", "learning-rate schedule: cosine-annealed to 0 over "
                             "the run, or constant", choices=SCHEDULES)
     kl_weight: float = _option(1.0, "beta, the weight of the KL term (1: the ELBO)")
@@ -119,7 +122,10 @@ class TrainConfig:
                               "chapter 7)", choices=KL_SCALINGS)
     kl_warmup_epochs: float = _option(0.0, "epochs over which the KL weight grows linearly "
                                       "from 0 to kl_weight")
-    dropout: float = _option(0.1, "dropout probability of the mc_dropout model")
+    dropout: float = _option(0.1, "dropout probability of the mc_dropout model, before "
+                             "its two dense layers")
+    conv_dropout: float = _option(0.0, "dropout probability of the mc_dropout model after "
+                                  "every convolution block (0: none)")
     init_log_sigma: float = _option(-5.0, "initial log standard deviation of every weight")
     prior_sigma: float = _option(1.0, "standard deviation s of the N(0, s^2) prior")
     parametrization: str = _option("log", "sigma = exp(log_sigma) or softplus(rho)",
@@ -171,8 +177,8 @@ def _config_problems(config: TrainConfig) -> list[str]:
     # Finite, and small enough for float32, in which the parameters and the prior live.
     finite = {name: _is_number(getattr(c, name)) and math.isfinite(getattr(c, name))
               and abs(getattr(c, name)) <= FLOAT32_MAX
-              for name in ("lr", "kl_weight", "kl_warmup_epochs", "dropout", "init_log_sigma",
-                           "prior_sigma")}
+              for name in ("lr", "sigma_lr_factor", "kl_weight", "kl_warmup_epochs",
+                           "dropout", "conv_dropout", "init_log_sigma", "prior_sigma")}
     checks = {
         "model": (c.model in MODELS, f"one of {MODELS}"),
         "schedule": (c.schedule in SCHEDULES, f"one of {SCHEDULES}"),
@@ -182,11 +188,16 @@ def _config_problems(config: TrainConfig) -> list[str]:
         "epochs": (_is_int(c.epochs) and c.epochs >= 1, "an integer >= 1"),
         "batch_size": (_is_int(c.batch_size) and c.batch_size >= 1, "an integer >= 1"),
         "lr": (finite["lr"] and c.lr > 0, "a finite float32 number > 0"),
+        "sigma_lr_factor": (finite["sigma_lr_factor"] and c.sigma_lr_factor > 0
+                            and (not finite["lr"] or c.lr * c.sigma_lr_factor <= FLOAT32_MAX),
+                            "a finite number > 0 (lr times it a float32 number)"),
         "kl_weight": (finite["kl_weight"] and c.kl_weight >= 0,
                       "a finite float32 number >= 0"),
         "kl_warmup_epochs": (finite["kl_warmup_epochs"] and c.kl_warmup_epochs >= 0,
                              "a finite number >= 0"),
         "dropout": (finite["dropout"] and 0 <= c.dropout < 1, "a number in [0, 1)"),
+        "conv_dropout": (finite["conv_dropout"] and 0 <= c.conv_dropout < 1,
+                         "a number in [0, 1)"),
         # sigma = exp(init_log_sigma) must be a normal float32 number, not 0 or inf.
         "init_log_sigma": (finite["init_log_sigma"] and abs(c.init_log_sigma) <= 80,
                            "a number in [-80, 80]"),
@@ -267,9 +278,11 @@ def select_device(name: str = "auto") -> torch.device:
 def build_model(config: TrainConfig, num_classes: int = 10) -> nn.Module:
     """The network named by ``config.model`` with the configured shape and priors."""
     if config.model in ("deterministic", "mc_dropout"):
+        dropping = config.model == "mc_dropout"
         return DeterministicCNN(num_classes, channels=config.channels,
                                 hidden_features=config.hidden_features,
-                                dropout=config.dropout if config.model == "mc_dropout" else 0.0)
+                                dropout=config.dropout if dropping else 0.0,
+                                conv_dropout=config.conv_dropout if dropping else 0.0)
     return BayesianCNN(num_classes, channels=config.channels,
                        hidden_features=config.hidden_features, prior_sigma=config.prior_sigma,
                        init_log_sigma=config.init_log_sigma,
@@ -501,7 +514,27 @@ def _setup(config: TrainConfig, data: CIFAR10Data, device: torch.device) -> _Run
                 test_images=test_images, test_labels=test_labels, data_source=data.source,
                 identity=data_identity(data.source, train_images, train_labels, test_images,
                                        test_labels),
-                model=model, optimizer=torch.optim.Adam(model.parameters(), lr=config.lr))
+                model=model, optimizer=build_optimizer(model, config))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
+    """Adam over ``model``'s parameters with learning rate ``lr``; with ``sigma_lr_factor``
+    other than 1, the sigma parameters (``log_sigma`` or ``rho`` of every
+    :class:`~bnn_course.posterior.GaussianPosterior`) form a second group with learning rate
+    ``lr * sigma_lr_factor``. Each group's ``"lr_factor"`` is its multiple of the scheduled
+    rate (:func:`learning_rate`)."""
+    if config.sigma_lr_factor == 1.0:
+        return torch.optim.Adam([{"params": list(model.parameters()), "lr": config.lr,
+                                  "lr_factor": 1.0}], lr=config.lr)
+    sigma_ids = {id(m.sigma_parameter) for m in model.modules()
+                 if isinstance(m, GaussianPosterior)}
+    others = [p for p in model.parameters() if id(p) not in sigma_ids]
+    sigmas = [p for p in model.parameters() if id(p) in sigma_ids]
+    groups = [{"params": others, "lr": config.lr, "lr_factor": 1.0}]
+    if sigmas:
+        groups.append({"params": sigmas, "lr": config.lr * config.sigma_lr_factor,
+                       "lr_factor": config.sigma_lr_factor})
+    return torch.optim.Adam(groups, lr=config.lr)
 
 
 def _restore(run: _Run, path: Path) -> None:
@@ -610,8 +643,9 @@ def _train_one_epoch(run: _Run, forward: nn.Module, epoch: int) -> dict[str, Any
     try:
         for index, (x, y) in enumerate(batches):
             step = epoch * steps_per_epoch + index
+            scheduled = learning_rate(config, step, total_steps)
             for group in run.optimizer.param_groups:
-                group["lr"] = learning_rate(config, step, total_steps)
+                group["lr"] = scheduled * group.get("lr_factor", 1.0)
             warmup = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
             log_probs, nll, kl_value, loss = training_step(
                 run.model, run.optimizer, x, y, num_train=num_train, forward=forward,
@@ -802,6 +836,31 @@ def train(
                          autocast_dtype=run.autocast_dtype)
     return TrainResult(model=run.model, history=run.history, final=final, config=config,
                        data_source=data.source, device=device_description(device))
+
+
+def set_aside_other_data(out_dir: str | os.PathLike, config: TrainConfig,
+                         data: CIFAR10Data) -> Path | None:
+    """Rename ``out_dir/checkpoint.pt`` to ``checkpoint-other-data-<mtime>.pt`` when it was
+    trained on other data than ``data`` (the training subset that ``config`` selects, and
+    the test set), so that :func:`train` with ``resume=True`` starts afresh instead of
+    refusing; the old run is kept. Returns the new path, or ``None`` when there is no
+    checkpoint or it was trained on the same data.
+
+    A notebook calls this before resuming, because the data can change under a run folder:
+    smoke mode on the synthetic stand-in, then on a real copy of CIFAR-10.
+    """
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    train_images, train_labels = training_set(config, data)
+    identity = data_identity(data.source, train_images, train_labels, data.test_images,
+                             data.test_labels)
+    if not data_differences(state, identity, ("train", "test")):
+        return None
+    aside = path.with_name(f"checkpoint-other-data-{int(path.stat().st_mtime)}.pt")
+    path.rename(aside)
+    return aside
 
 
 def load_trained_model(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, dict]:

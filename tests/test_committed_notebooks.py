@@ -1,8 +1,7 @@
-"""Committed notebooks carry a full-mode run's outputs, or no outputs at all.
+"""Committed notebooks carry the outputs of a full-mode run of the whole notebook.
 
-A notebook marks itself as a GPU chapter with ``"bnn_course": {"needs_gpu": true}`` in its
-metadata; only such a chapter may be committed without outputs (awaiting its run on a GPU).
-Smoke-mode outputs (from CI or pytest) must never be committed.
+Every chapter has outputs, and its provenance line names full mode and the tier (GPU or CPU)
+it ran on. Smoke-mode outputs (from CI or pytest) must never be committed.
 """
 
 from __future__ import annotations
@@ -37,18 +36,17 @@ def test_there_are_notebooks() -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_outputs_come_from_a_full_run_or_are_absent(path: Path) -> None:
+def test_outputs_come_from_a_full_run(path: Path) -> None:
     notebook = json.loads(path.read_text())
     outputs = _outputs(notebook)
-    needs_gpu = notebook["metadata"].get("bnn_course", {}).get("needs_gpu", False)
-    if not outputs:
-        assert needs_gpu, f"{path.name} is a CPU chapter and must be committed with outputs"
-        return
+    assert outputs, f"{path.name} must be committed with the outputs of a full-mode run"
     assert not [o for o in outputs if o["output_type"] == "error"], f"{path.name} has errors"
     lines = [line for o in outputs for line in _output_text(o).splitlines()
              if line.startswith(PREFIX)]
     assert lines, f"{path.name} has outputs but no provenance line"
     assert all("full mode" in line for line in lines), f"{path.name}: {lines}"
+    assert all(re.search(r"full mode, (GPU|CPU) tier", line) for line in lines), (
+        f"{path.name}: the provenance line must name the tier: {lines}")
     assert not any("smoke" in line for line in lines), f"{path.name} carries smoke outputs"
     counts = [cell.get("execution_count") for cell in notebook["cells"]
               if cell["cell_type"] == "code" and cell.get("execution_count") is not None]
@@ -69,3 +67,35 @@ def test_first_code_cell_installs_the_package_in_colab_only(path: Path) -> None:
     first = "".join(code_cells[0]["source"])
     assert 'if "google.colab" in sys.modules' in first
     assert f"git+{_repository_url()}" in first, "install URL differs from _config.yml"
+
+
+def _glued_values(notebook: dict) -> dict[str, str]:
+    values = {}
+    for output in _outputs(notebook):
+        data = output.get("data", {})
+        if "application/papermill.record/text/plain" in data:
+            name = output["metadata"]["scrapbook"]["name"]
+            values[name] = data["application/papermill.record/text/plain"]
+    return values
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_glue_reference_has_a_value_that_formats(path: Path) -> None:
+    """``{glue:text}`name:fmt``` in the prose needs a glued ``name`` whose stored text
+    MyST-NB can format with ``fmt`` (a NumPy scalar's repr, for one, cannot)."""
+    format_plain_text = pytest.importorskip("myst_nb.core.variables").format_plain_text
+    notebook = json.loads(path.read_text())
+    values = _glued_values(notebook)
+    prose = "".join("".join(cell["source"]) for cell in notebook["cells"]
+                    if cell["cell_type"] == "markdown")
+    problems = []
+    for reference in re.findall(r"\{glue:text\}`([^`]+)`", prose):
+        name, _, spec = reference.partition(":")
+        if name not in values:
+            problems.append(f"{name}: never glued")
+            continue
+        try:
+            format_plain_text(values[name], spec)
+        except Exception as error:  # noqa: BLE001 - any failure breaks the build
+            problems.append(f"{name}:{spec}: {values[name][:40]!r} ({error})")
+    assert not problems, f"{path.name}: {problems}"

@@ -14,20 +14,30 @@ import torch
 
 from bnn_course.comparison import (
     METHODS,
+    choose_dropout,
     comparison_rows,
+    config_differences,
     corruption_seed,
+    cost_rows,
+    evaluate_corruptions,
     evaluate_methods,
     format_table,
     iterate_corrupted,
     main,
     method_configs,
     ood_aurocs,
+    paired_difference,
+    resample_weights,
     sample_probs_for,
     summary_metrics,
     train_methods,
+    validation_split,
+    verdict,
+    weighted_auroc,
+    weighted_ece,
 )
-from bnn_course.data import synthetic_cifar10
-from bnn_course.metrics import OOD_SCORES, ood_scores
+from bnn_course.data import stratified_subset, synthetic_cifar10
+from bnn_course.metrics import OOD_SCORES, auroc, expected_calibration_error, ood_scores
 from bnn_course.models import BayesianCNN, DeterministicCNN
 from bnn_course.ood import uniform_noise
 from bnn_course.train import TrainConfig, train
@@ -301,3 +311,155 @@ def test_an_interrupted_run_of_the_comparison_says_it_resumed(tiny_data, tmp_pat
     lines: list[str] = []
     train_methods(tiny_data, base, ["deterministic"], out_dir=tmp_path, log=lines.append)
     assert "trained here: epochs 2-2 (resumed after epoch 1)" in lines[0]
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
+    labels = torch.arange(10).repeat_interleave(7)  # 7 images per class, class-blocked
+    images = torch.arange(70)  # each image is its own index
+    rest, rest_labels, held, held_labels = validation_split(images, labels, 30, seed=5)
+    assert torch.equal(torch.bincount(held_labels, minlength=10), torch.full((10,), 3))
+    assert torch.equal(torch.bincount(rest_labels, minlength=10), torch.full((10,), 4))
+    assert torch.equal(torch.sort(torch.cat([rest, held])).values, images)  # a partition
+    assert torch.equal(labels[held], held_labels) and torch.equal(labels[rest], rest_labels)
+    assert bool((held[1:] > held[:-1]).all())  # original order kept
+    again = validation_split(images, labels, 30, seed=5)[2]
+    other = validation_split(images, labels, 30, seed=6)[2]
+    assert torch.equal(again, held) and not torch.equal(other, held)
+    # not simply the first images of each class (what stratified_subset takes)
+    assert not torch.equal(held, stratified_subset(images, labels, 30)[0])
+    with pytest.raises(ValueError, match="multiple"):
+        validation_split(images, labels, 25)
+    with pytest.raises(ValueError, match="leave none"):
+        validation_split(images, labels, 70)
+
+
+def test_choose_dropout_picks_the_lowest_held_out_nll_and_reuses_its_runs(tmp_path) -> None:
+    data = synthetic_cifar10(train_per_class=12, test_per_class=2, seed=4)
+    base = TrainConfig(**TINY)
+    candidates = [(0.1, 0.0), (0.5, 0.3), (0.0, 0.2)]
+    torch.manual_seed(0)
+    sweep = choose_dropout(data, base, candidates, validation_size=40, epochs=1,
+                           num_samples=3, out_dir=tmp_path, log=quiet)
+    assert [(row["dropout"], row["conv_dropout"]) for row in sweep.rows] == candidates
+    best = min(sweep.rows, key=lambda row: row["nll"])
+    assert sweep.chosen == (best["dropout"], best["conv_dropout"])
+    assert all(row["origin"].startswith("trained here") for row in sweep.rows)
+    assert sweep.training_seconds == pytest.approx(sum(row["seconds"] for row in sweep.rows))
+    for row in sweep.rows:
+        assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0 and 0 <= row["brier"] <= 2
+    # each candidate trained its own mc_dropout network on the 80 remaining images
+    saved = torch.load(tmp_path / "dropout0.5-conv0.3" / "mc_dropout" / "checkpoint.pt",
+                       weights_only=True)
+    assert saved["config"]["dropout"] == 0.5 and saved["config"]["conv_dropout"] == 0.3
+    assert saved["config"]["epochs"] == 1
+    assert saved["data_identity"]["train"]["size"] == 80
+    again = choose_dropout(data, base, candidates, validation_size=40, epochs=1,
+                           num_samples=3, out_dir=tmp_path, log=quiet)
+    assert all(row["origin"].startswith("reused") for row in again.rows)
+    assert again.training_seconds == pytest.approx(sweep.training_seconds, rel=1e-6)
+    with pytest.raises(ValueError, match="at least one above 0"):
+        choose_dropout(data, base, [(0.0, 0.0)], 40, 1, 3, log=quiet)
+
+
+def test_only_mc_dropout_is_compared_on_the_dropout_rates() -> None:
+    saved = dataclasses.asdict(TrainConfig(**TINY, model="deterministic"))
+    wanted = TrainConfig(**TINY, model="deterministic", dropout=0.4, conv_dropout=0.2)
+    assert config_differences(saved, wanted) == []
+    dropping = dataclasses.replace(wanted, model="mc_dropout")
+    saved["model"] = "mc_dropout"
+    assert len(config_differences(saved, dropping)) == 2
+
+
+def test_conv_dropout_alone_makes_mc_dropout_stochastic(tiny_data) -> None:
+    torch.manual_seed(1)
+    model = DeterministicCNN(channels=(4, 8), hidden_features=16, dropout=0.0,
+                             conv_dropout=0.5).eval()
+    probs = sample_probs_for("mc_dropout", model, tiny_data.test_images, 6)
+    assert mutual_information(probs).min().item() > 0
+
+
+def test_paired_difference_and_its_bootstrap_agree_with_the_formula() -> None:
+    generator = torch.Generator().manual_seed(7)
+    n = 400
+    a = (torch.rand(n, generator=generator) < 0.7).double()
+    b = torch.where(torch.rand(n, generator=generator) < 0.8, a, 1 - a)
+    mean, se = paired_difference(a, b)
+    d = a - b
+    assert mean == pytest.approx(d.mean().item())
+    assert se == pytest.approx(math.sqrt(((d - d.mean()) ** 2).sum().item() / (n - 1) / n))
+    weights = resample_weights(n, 400, generator)
+    assert torch.equal(weights.sum(1), torch.full((400,), float(n), dtype=torch.float64))
+    replicas = (weights @ d) / n
+    # the SD of R = 400 bootstrap replicas has relative error ~ 1/sqrt(2R) = 3.5 %: 4 of them
+    assert replicas.std().item() == pytest.approx(se, rel=0.15)
+
+
+def test_weighted_ece_and_auroc_are_the_metrics_of_the_resample() -> None:
+    generator = torch.Generator().manual_seed(2)
+    probs = torch.softmax(3 * torch.randn(300, 10, generator=generator), -1)
+    labels = torch.randint(10, (300,), generator=generator)
+    ones = torch.ones(1, 300, dtype=torch.float64)
+    plain = expected_calibration_error(probs, labels, 15).ece
+    assert weighted_ece(probs, labels, ones).item() == pytest.approx(plain, abs=1e-12)
+    draws = torch.randint(300, (300,), generator=generator)
+    counts = torch.bincount(draws, minlength=300).double()[None]
+    resampled = expected_calibration_error(probs[draws], labels[draws], 15).ece
+    assert weighted_ece(probs, labels, counts).item() == pytest.approx(resampled, abs=1e-12)
+    # AUROC, with ties (scores rounded to one decimal)
+    score_in = (torch.rand(200, generator=generator) * 10).round() / 10
+    score_out = (torch.rand(50, generator=generator) * 10 + 2).round() / 10
+    is_out = torch.cat([torch.zeros(200), torch.ones(50)])
+    plain = auroc(torch.cat([score_in, score_out]), is_out)
+    got = weighted_auroc(score_in, score_out, torch.ones(1, 200), torch.ones(1, 50))
+    assert got.item() == pytest.approx(plain, abs=1e-12)
+    draw_in = torch.randint(200, (200,), generator=generator)
+    draw_out = torch.randint(50, (50,), generator=generator)
+    resampled = auroc(torch.cat([score_in[draw_in], score_out[draw_out]]), is_out)
+    got = weighted_auroc(score_in, score_out,
+                         torch.bincount(draw_in, minlength=200).double()[None],
+                         torch.bincount(draw_out, minlength=50).double()[None])
+    assert got.item() == pytest.approx(resampled, abs=1e-12)
+
+
+def test_verdict_words() -> None:
+    assert verdict(0.02, 0.005, +1) == "better by 0.020 +- 0.005"
+    assert verdict(0.02, 0.005, -1) == "worse by 0.020 +- 0.005"
+    assert verdict(-0.3, 0.1, -1, digits=1) == "better by 0.3 +- 0.1"
+    assert verdict(0.009, 0.005, +1).startswith("no difference beyond 2 paired standard")
+    assert verdict(math.nan, 0.1, +1) == "not measured"
+    with pytest.raises(ValueError):
+        verdict(0.1, 0.1, 0)
+
+
+def test_cost_rows_count_the_networks_and_the_twin_inside_the_ensemble(tiny_data,
+                                                                      tmp_path) -> None:
+    base = TrainConfig(**TINY)
+    saved = train(dataclasses.replace(base, model="deterministic"), tiny_data,
+                  out_dir=tmp_path / "twin", log=quiet)
+    trained = train_methods(tiny_data, base, ("deterministic", "ensemble"), ensemble_size=3,
+                            out_dir=tmp_path / "cmp", log=quiet,
+                            checkpoints={"deterministic": tmp_path / "twin" / "checkpoint.pt"})
+    twin_seconds = sum(record["seconds"] for record in saved.history)
+    assert trained.recorded_seconds["deterministic"] == pytest.approx(twin_seconds)
+    assert trained.recorded_seconds["ensemble-0"] == 0.0
+    rows = {row["method"]: row for row in cost_rows(
+        trained, {"deterministic": 1, "ensemble": 3}, {"deterministic": 0.5, "ensemble": 1.5})}
+    assert rows["ensemble"]["networks"] == 3 and rows["ensemble"]["trained_here"] == 2
+    assert rows["ensemble"]["training_seconds"] == pytest.approx(
+        twin_seconds + trained.recorded_seconds["ensemble-1"]
+        + trained.recorded_seconds["ensemble-2"])
+    assert rows["deterministic"] == {"method": "deterministic", "networks": 1,
+                                     "trained_here": 0, "training_seconds": twin_seconds,
+                                     "passes": 1, "prediction_seconds": 0.5}
+
+
+def test_evaluate_corruptions_can_keep_the_averaged_predictions(networks, tiny_data) -> None:
+    kept: dict = {}
+    shift = evaluate_corruptions(networks, tiny_data.test_images, tiny_data.test_labels,
+                                 ("contrast",), (1, 5), num_samples=2, keep_predictions=kept)
+    assert set(kept) == set(METHODS) and set(kept["ensemble"]) == {("contrast", 1),
+                                                                   ("contrast", 5)}
+    p = kept["ensemble"][("contrast", 5)]
+    assert p.shape == (tiny_data.test_labels.shape[0], 10)
+    assert shift["ensemble"]["corruption/contrast/5/accuracy"] == pytest.approx(
+        (p.argmax(-1) == tiny_data.test_labels).double().mean().item())

@@ -36,13 +36,42 @@ def test_pytest_runs_in_smoke_mode() -> None:
 
 
 @pytest.mark.parametrize("chapter", sorted(config.BUDGETS))
-def test_every_budget_has_the_same_knobs_in_both_modes(chapter, monkeypatch) -> None:
-    assert set(config.BUDGETS[chapter]) == {"full", "smoke"}
-    assert set(config.BUDGETS[chapter]["full"]) == set(config.BUDGETS[chapter]["smoke"])
+def test_every_budget_has_the_same_knobs_in_every_mode(chapter, monkeypatch) -> None:
+    budgets = config.BUDGETS[chapter]
+    assert set(budgets) in ({"full", "smoke"}, {"gpu", "cpu", "smoke"})
+    assert all(set(knobs) == set(budgets["smoke"]) for knobs in budgets.values())
     monkeypatch.setenv(config.SMOKE_ENV, "0")
-    full = config.budget(chapter)
+    full = {}
+    for tier in config.TIERS:
+        monkeypatch.setenv(config.TIER_ENV, tier)
+        full[tier] = vars(config.budget(chapter))
+        assert full[tier] == budgets.get("full", budgets.get(tier))
     monkeypatch.setenv(config.SMOKE_ENV, "1")
-    assert vars(config.budget(chapter)) == config.BUDGETS[chapter]["smoke"] != vars(full)
+    assert vars(config.budget(chapter)) == budgets["smoke"] != full["gpu"]
+
+
+def test_the_tier_follows_the_hardware_unless_forced(monkeypatch) -> None:
+    monkeypatch.delenv(config.TIER_ENV, raising=False)
+    assert config.tier() == ("gpu" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(config.TIER_ENV, "auto")
+    assert config.tier() == ("gpu" if torch.cuda.is_available() else "cpu")
+    for forced in ("GPU", " cpu "):
+        monkeypatch.setenv(config.TIER_ENV, forced)
+        assert config.tier() == forced.strip().lower()
+    monkeypatch.setenv(config.TIER_ENV, "tpu")
+    with pytest.raises(ValueError, match=config.TIER_ENV):
+        config.tier()
+
+
+def test_smoke_mode_ignores_the_tier(monkeypatch) -> None:
+    monkeypatch.setenv(config.SMOKE_ENV, "1")
+    monkeypatch.setenv(config.TIER_ENV, "gpu")
+    assert config.budget_name("training") == "smoke"
+    monkeypatch.setenv(config.SMOKE_ENV, "0")
+    assert config.budget_name("training") == "gpu"
+    assert config.budget_name("elbo") == "full"
+    monkeypatch.setenv(config.TIER_ENV, "cpu")
+    assert config.budget("training").epochs < config.BUDGETS["training"]["gpu"]["epochs"]
 
 
 def test_unknown_chapter_is_an_error() -> None:

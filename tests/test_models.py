@@ -150,3 +150,18 @@ def test_a_float64_model_keeps_float64_log_probabilities_and_kl() -> None:
     log_probs = model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert log_probs.dtype == model.kl_divergence().dtype == torch.float64
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+def test_conv_dropout_adds_a_stage_after_every_block() -> None:
+    seed_everything(123)
+    twin = DeterministicCNN(channels=(4, 8), hidden_features=16)
+    both = DeterministicCNN(channels=(4, 8), hidden_features=16, dropout=0.2,
+                            conv_dropout=0.3)
+    both.load_state_dict(twin.state_dict())
+    rates = [stage.p for stage in both.stages() if isinstance(stage, torch.nn.Dropout)]
+    assert rates == [0.3, 0.3, 0.2, 0.2]
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(both(x, sample=False), twin(x))
+    assert not torch.equal(both(x), both(x))
+    with pytest.raises(ValueError, match="conv_dropout"):
+        DeterministicCNN(conv_dropout=1.0)

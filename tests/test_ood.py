@@ -13,15 +13,20 @@ from sklearn.datasets import load_digits
 from bnn_course import data as data_module
 from bnn_course import ood
 from bnn_course.ood import (
+    NUM_PHOTO_CROPS,
     OOD_SET_NAMES,
+    PHOTO_CROP_SIZES,
     blobs,
     gaussian_noise_images,
     load_ood_sets,
+    photo_crops,
     sklearn_digits,
+    sklearn_photos,
+    sklearn_sample_photos,
     uniform_noise,
 )
 
-OFFLINE = ("sklearn-digits", "uniform-noise", "gaussian-noise", "blobs")
+OFFLINE = ("sklearn-digits", "sklearn-photos", "uniform-noise", "gaussian-noise", "blobs")
 
 
 def test_offline_sets_without_network(tmp_path, capsys) -> None:
@@ -49,6 +54,105 @@ def test_digits_are_the_sklearn_digits_upscaled() -> None:
     correlation = torch.corrcoef(torch.stack((pooled.flatten(), original.flatten())))[0, 1]
     assert correlation > 0.95
     assert (pooled - original).abs().mean() < 20  # grey levels
+
+
+def _find_block(photo: torch.Tensor, block: torch.Tensor) -> list[tuple[int, int]]:
+    """Every (top, left) where ``block`` (3, h, w) sits in ``photo`` (3, H, W), by search."""
+    h, w = block.shape[1:]
+    corner = (photo[:, :photo.shape[1] - h + 1, :photo.shape[2] - w + 1]
+              == block[:, :1, :1]).all(dim=0)
+    return [(top, left) for top, left in corner.nonzero().tolist()
+            if torch.equal(photo[:, top:top + h, left:left + w], block)]
+
+
+def test_photos_are_the_sklearn_sample_images() -> None:
+    photos = sklearn_sample_photos()
+    assert len(photos) == 2
+    for photo in photos:
+        assert photo.shape == (3, 427, 640) and photo.dtype == torch.uint8
+        assert photo.float().std() > 20  # a photograph, not a blank
+    assert not torch.equal(photos[0], photos[1])
+
+
+def test_photo_crops_are_seeded_and_shaped() -> None:
+    a = sklearn_photos(300, torch.Generator().manual_seed(6))
+    b = sklearn_photos(300, torch.Generator().manual_seed(6))
+    c = sklearn_photos(300, torch.Generator().manual_seed(7))
+    assert a.shape == (300, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert sklearn_photos(0).shape == (0, 3, 32, 32)
+    with pytest.raises(ValueError, match="multiples"):
+        photo_crops(sklearn_sample_photos(), 5, crop_sizes=(32, 48))
+
+
+def test_photo_windows_are_drawn_uniformly_and_fit() -> None:
+    n = 4000
+    photos = sklearn_sample_photos()
+    _, windows = photo_crops(photos, n, torch.Generator().manual_seed(8))
+    photo, top, left, side = windows.T
+    assert ((photo == 0) | (photo == 1)).all()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + side <= 427).all() and (left + side <= 640).all()
+    # Each photo with probability 1/2, each side 1/4: within 4 standard errors.
+    assert (photo == 0).double().mean().item() == pytest.approx(0.5, abs=4 * (0.25 / n)**0.5)
+    for size in PHOTO_CROP_SIZES:
+        share = (side == size).double().mean().item()
+        assert share == pytest.approx(0.25, abs=4 * (0.25 * 0.75 / n)**0.5), size
+    # Corners uniform over the positions that fit: top / (H - side) ~ U[0, 1], mean 1/2,
+    # standard deviation 1/sqrt(12) (up to the discreteness of positions, < 1/300).
+    for corner, extent in ((top, 427), (left, 640)):
+        relative = corner.double() / (extent - side).double()
+        assert relative.mean().item() == pytest.approx(0.5, abs=4 / (12 * n)**0.5)
+        assert relative.min().item() < 0.01 and relative.max().item() > 0.99
+
+
+def test_native_scale_crops_are_blocks_of_the_photos() -> None:
+    photos = sklearn_sample_photos()
+    images, windows = photo_crops(photos, 200, torch.Generator().manual_seed(9))
+    # photo_crops is what the set "sklearn-photos" is made of.
+    assert torch.equal(images, sklearn_photos(200, torch.Generator().manual_seed(9)))
+    native = (windows[:, 3] == 32).nonzero().flatten().tolist()
+    assert len(native) > 20
+    for row in native[:20]:
+        photo, top, left, _ = windows[row].tolist()
+        assert torch.equal(images[row], photos[photo][:, top:top + 32, left:left + 32])
+        # Found by search too, without the window: the crop is an unaltered 32x32 block.
+        assert (top, left) in _find_block(photos[photo], images[row])
+
+
+def test_larger_crops_are_area_averaged_views_of_their_window() -> None:
+    photos = sklearn_sample_photos()
+    images, windows = photo_crops(photos, 400, torch.Generator().manual_seed(10))
+    checked = {size: 0 for size in PHOTO_CROP_SIZES[1:]}
+    cropped_look_alikes = 0
+    for image, (photo, top, left, side) in zip(images, windows.tolist(), strict=True):
+        if side == 32:
+            continue
+        k = side // 32
+        window = photos[photo][:, top:top + side, left:left + side]
+        # Mean of each k x k block, in float64: exact sums, and x.5 ties only for k = 2, 4,
+        # where float32 is exact too.
+        averaged = window.double().reshape(3, 32, k, 32, k).mean(dim=(2, 4)).round()
+        assert torch.equal(image, averaged.to(torch.uint8)), (photo, top, left, side)
+        # Neither a crop of the window's corner nor every k-th pixel (no antialiasing).
+        cropped_look_alikes += torch.equal(image, window[:, :32, :32])
+        cropped_look_alikes += torch.equal(image, window[:, ::k, ::k])
+        checked[side] += 1
+    assert min(checked.values()) > 50
+    # Only a window of one flat colour (saturated sky) would look the same.
+    assert cropped_look_alikes <= 0.05 * sum(checked.values())
+
+
+def test_photo_set_in_load_ood_sets(tmp_path) -> None:
+    sets = load_ood_sets(root=tmp_path, allow_download=False, max_images=3 * NUM_PHOTO_CROPS,
+                         generator=torch.Generator().manual_seed(11))
+    images, description = sets["sklearn-photos"]
+    assert images.shape == (NUM_PHOTO_CROPS, 3, 32, 32) and images.dtype == torch.uint8
+    assert "china.jpg" in description and "flower.jpg" in description
+    assert f"{NUM_PHOTO_CROPS} images" in description
+    small = load_ood_sets(root=tmp_path, allow_download=False, max_images=7)
+    assert small["sklearn-photos"][0].shape == (7, 3, 32, 32)
+    assert list(sets).index("sklearn-photos") == list(sets).index("sklearn-digits") + 1
 
 
 def test_synthetic_sets_are_seeded_and_have_the_right_statistics() -> None:

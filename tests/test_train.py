@@ -394,3 +394,54 @@ def test_damaged_random_state_of_the_right_type_is_a_checkpoint_error(tiny_data,
     save_checkpoint(path, state)
     with pytest.raises(CheckpointError, match="damaged random-number state"):
         train(config, tiny_data, out_dir=tmp_path, resume=True, log=quiet)
+
+
+@pytest.mark.parametrize("factor", [1.0, 10.0])
+def test_the_sigma_parameters_learn_at_their_own_rate(tiny_data, factor) -> None:
+    # Adam's first step moves every parameter with a non-zero gradient by lr * sign(g)
+    # (up to eps / |g|): the log sigmas by lr * factor, the means by lr.
+    from bnn_course.train import build_model, build_optimizer
+
+    config = TrainConfig(lr=1e-3, sigma_lr_factor=factor, schedule="constant", **TINY)
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    assert len(optimizer.param_groups) == (1 if factor == 1.0 else 2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x, y = tiny_data.train_images[:32].float() / 255, tiny_data.train_labels[:32]
+    loss = torch.nn.functional.nll_loss(model(x), y) + model.kl_divergence() / 120
+    loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).abs()
+        expected = 1e-3 * (factor if name.endswith("log_sigma") else 1.0)
+        active = p.grad.abs() > 1e-5  # there eps = 1e-8 changes the step by < 0.1%
+        assert active.any(), name
+        torch.testing.assert_close(moved[active], torch.full_like(moved[active], expected),
+                                   rtol=2e-2, atol=0)
+
+
+def test_the_sigma_learning_rate_follows_the_schedule(tiny_data) -> None:
+    config = TrainConfig(epochs=1, lr=2e-3, sigma_lr_factor=5.0, **TINY)
+    result = train(config, tiny_data, log=quiet)
+    groups = result.optimizer.param_groups if hasattr(result, "optimizer") else None
+    if groups is not None:
+        assert groups[1]["lr"] == pytest.approx(5.0 * groups[0]["lr"])
+    with pytest.raises(ValueError, match="sigma_lr_factor"):
+        TrainConfig(sigma_lr_factor=0.0)
+    with pytest.raises(ValueError, match="conv_dropout"):
+        TrainConfig(conv_dropout=1.0)
+
+
+def test_a_checkpoint_of_other_data_is_set_aside_not_resumed(tiny_data, tmp_path) -> None:
+    from bnn_course.train import set_aside_other_data
+
+    config = TrainConfig(epochs=1, **TINY)
+    assert set_aside_other_data(tmp_path, config, tiny_data) is None  # nothing there
+    train(config, tiny_data, out_dir=tmp_path, log=quiet)
+    assert set_aside_other_data(tmp_path, config, tiny_data) is None  # same data
+    other = synthetic_cifar10(train_per_class=12, test_per_class=4, seed=2)
+    aside = set_aside_other_data(tmp_path, config, other)
+    assert aside is not None and aside.is_file()
+    assert not (tmp_path / "checkpoint.pt").exists()
+    result = train(config, other, out_dir=tmp_path, resume=True, log=quiet)
+    assert len(result.history) == 1
