@@ -601,12 +601,6 @@ def reusable_checkpoint(path: str | os.PathLike, config: TrainConfig,
     return True, f"{path} (trained on {data.name}, {config.epochs} epochs)"
 
 
-def recorded_training_seconds(path: str | os.PathLike) -> float:
-    """The training time stored in the checkpoint at ``path``: the sum of its history's
-    per-epoch ``"seconds"`` (the training loops, without the per-epoch evaluations)."""
-    return float(sum(record.get("seconds", 0.0) for record in load_checkpoint(path)["history"]))
-
-
 class TrainedMethods(NamedTuple):
     """Output of :func:`train_methods`."""
 
@@ -623,6 +617,12 @@ class TrainedMethods(NamedTuple):
     its history (the epochs' training loops, without set-up and evaluation; for a reused
     network read from its checkpoint, for a resumed one including the epochs before the
     interruption); 0 for a run that is the same network as another (counted there)."""
+
+
+def _history_seconds(history: Sequence[Mapping[str, Any]]) -> float:
+    """The training time of a run: the sum of its history's per-epoch ``"seconds"`` (the
+    training loops, without the per-epoch evaluations)."""
+    return float(sum(record.get("seconds", 0.0) for record in history))
 
 
 def train_methods(
@@ -676,10 +676,11 @@ def train_methods(
         for candidate in dict.fromkeys(str(c) for c in candidates):
             ok, reason = reusable_checkpoint(candidate, config, data)
             if ok:
-                model, _ = load_trained_model(candidate, device=str(select_device(config.device)))
+                model, state = load_trained_model(candidate,
+                                                  device=str(select_device(config.device)))
                 origins[name] = f"reused {reason}"
                 seconds[name] = 0.0
-                recorded[name] = recorded_training_seconds(candidate)
+                recorded[name] = _history_seconds(state["history"])
                 break
             reasons.append(reason)
         if model is None:
@@ -698,7 +699,7 @@ def train_methods(
             result = train(config, data, out_dir=run_dir, resume=resume, overwrite=not resume,
                            log=quiet)
             seconds[name] = time.perf_counter() - started
-            recorded[name] = float(sum(record["seconds"] for record in result.history))
+            recorded[name] = _history_seconds(result.history)
             model = result.model.eval()
             last = result.history[-1]
             why = "; ".join(reasons) if reasons else "no checkpoint given"

@@ -39,6 +39,11 @@ DEBUG_ENV = "BNN_COURSE_DEBUG"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
+ALL_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise",
+                   "gaussian_blur", "contrast", "brightness", "pixelate", "jpeg_compression")
+"""The nine CIFAR-10-C-style corruptions of :mod:`bnn_course.corruptions` that chapter 8's
+full budgets apply (both tiers)."""
+
 # One flat dictionary per chapter and mode. Keys are the knobs a chapter turns. A chapter
 # has either one "full" budget, or a "gpu" and a "cpu" one (the tiers of full mode).
 # `check_outcomes`: the chapter asserts the outcomes its prose states (a network learns, a
@@ -150,9 +155,7 @@ BUDGETS: MappingProxyType = MappingProxyType(
                     "validation_size": 5000, "sweep_epochs": 30, "ensemble_size": 5,
                     "eval_samples": 20, "corruption_samples": 4,
                     "corruption_test_size": None,
-                    "corruptions": ("gaussian_noise", "shot_noise", "impulse_noise",
-                                    "speckle_noise", "gaussian_blur", "contrast",
-                                    "brightness", "pixelate", "jpeg_compression"),
+                    "corruptions": ALL_CORRUPTIONS,
                     "severities": (1, 2, 3, 4, 5), "ood_max_images": 5000,
                     "ood_download": True, "num_bootstrap": 200, "num_shown": 8,
                     "run_dir": "runs/ch08",
@@ -166,9 +169,7 @@ BUDGETS: MappingProxyType = MappingProxyType(
                     "validation_size": 2000, "sweep_epochs": 1, "ensemble_size": 3,
                     "eval_samples": 8, "corruption_samples": 2,
                     "corruption_test_size": 500,
-                    "corruptions": ("gaussian_noise", "shot_noise", "impulse_noise",
-                                    "speckle_noise", "gaussian_blur", "contrast",
-                                    "brightness", "pixelate", "jpeg_compression"),
+                    "corruptions": ALL_CORRUPTIONS,
                     "severities": (1, 2, 3, 4, 5), "ood_max_images": 500,
                     "ood_download": True, "num_bootstrap": 100, "num_shown": 8,
                     "run_dir": "runs/ch08-cpu",

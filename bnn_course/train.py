@@ -523,11 +523,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     :class:`~bnn_course.posterior.GaussianPosterior`) form a second group with learning rate
     ``lr * sigma_lr_factor``. Each group's ``"lr_factor"`` is its multiple of the scheduled
     rate (:func:`learning_rate`)."""
-    if config.sigma_lr_factor == 1.0:
-        return torch.optim.Adam([{"params": list(model.parameters()), "lr": config.lr,
-                                  "lr_factor": 1.0}], lr=config.lr)
+    separate = config.sigma_lr_factor != 1.0
     sigma_ids = {id(m.sigma_parameter) for m in model.modules()
-                 if isinstance(m, GaussianPosterior)}
+                 if separate and isinstance(m, GaussianPosterior)}
     others = [p for p in model.parameters() if id(p) not in sigma_ids]
     sigmas = [p for p in model.parameters() if id(p) in sigma_ids]
     groups = [{"params": others, "lr": config.lr, "lr_factor": 1.0}]
