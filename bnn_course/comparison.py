@@ -13,6 +13,10 @@ ensemble        one pass of each of :math:`M` twins, trained    :math:`M`
                 from different seeds (Lakshminarayanan et al.)
 ==============  =============================================  ===================
 
+A fifth row, ``posterior_mean`` (:data:`POSTERIOR_MEAN`), is the BayesianCNN evaluated at
+its posterior means (one pass), to separate what the Bayesian average does from what the
+network is (:func:`compared_models` adds it).
+
 Every method is reduced to the same object, a tensor ``sample_probs`` of shape ``(S, N, K)``
 (:func:`sample_probs_for`), and every metric is computed from it in the same way, following
 Ovadia et al. (2019) and the uncertainty-baselines tables:
@@ -21,7 +25,10 @@ Ovadia et al. (2019) and the uncertainty-baselines tables:
   :math:`\bar p_{nk} = \frac1S \sum_s p_{snk}` (for the ensemble: the uniform mixture of its
   members);
 * accuracy, NLL :math:`-\frac1N\sum_n \log \bar p_{n y_n}`, Brier score and ECE (15 bins)
-  of :math:`\bar p` on the clean test set (:mod:`bnn_course.metrics`);
+  of :math:`\bar p` on the clean test set (:mod:`bnn_course.metrics`), the ECE with its
+  noise floor (the ECE a calibrated predictor with the same confidences would show on as
+  many images), and how well the predictive entropy ranks the errors (AURC, excess AURC,
+  misclassification AUROC);
 * OOD detection: AUROC of each score of :func:`bnn_course.metrics.ood_scores` (predictive
   entropy, mutual information, :math:`1 - \max_k \bar p_k`), test set against each OOD set,
   OOD = positive. For a single network (:math:`S = 1`) the mutual information is 0 for every
@@ -35,9 +42,11 @@ Ovadia et al. (2019) and the uncertainty-baselines tables:
 :func:`evaluate_methods` does all of it and returns one flat ``dict`` per method
 (:func:`comparison_rows` documents the keys); :func:`format_table` prints them.
 :func:`choose_dropout` chooses MC dropout's rates on held-out training images
-(:func:`validation_split`); :func:`paired_difference`, the bootstrap helpers
-(:func:`resample_weights`, :func:`weighted_ece`, :func:`weighted_auroc`) and :func:`verdict`
-turn differences between methods into words with paired standard errors;
+(:func:`validation_split`); :func:`paired_difference` (over test images),
+:func:`seed_difference` (over training seeds), the bootstrap helpers
+(:func:`resample_weights`, by item or by group, :func:`weighted_ece`,
+:func:`weighted_auroc`) and :func:`verdict` turn differences between methods into words
+with paired standard errors and, for the ECE, its noise floor;
 :func:`cost_rows` says what each method costs to train and to predict.
 
 Command line (trains every method with a given budget, writes ``OUT/comparison.json`` and
@@ -58,6 +67,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,16 +76,20 @@ from torch import nn
 
 from bnn_course import config as run_config
 from bnn_course.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from bnn_course.data import CIFAR10Data, load_cifar10, stratified_subset
+from bnn_course.data import CIFAR10Data, load_cifar10, stratified_subset, validation_split
 from bnn_course.evaluation import predict_log_probs
 from bnn_course.metrics import (
     OOD_SCORES,
     accuracy,
     brier_score,
+    ece_noise_floor,
     expected_calibration_error,
+    misclassification_auroc,
     negative_log_likelihood,
     ood_detection,
     ood_scores,
+    oracle_aurc,
+    selective_prediction,
 )
 from bnn_course.provenance import device_description
 from bnn_course.run_folder import atomic_write_text, autocast_dtype, check_output_folder
@@ -99,16 +113,31 @@ from bnn_course.train import (
 from bnn_course.uncertainty import decompose_uncertainty
 
 METHODS: tuple[str, ...] = ("bayesian", "deterministic", "mc_dropout", "ensemble")
-"""The methods compared, in the order of the table's columns."""
+"""The methods compared, in the order of the table's columns (the networks trained)."""
+
+POSTERIOR_MEAN = "posterior_mean"
+"""The BayesianCNN evaluated at its posterior means (one pass, ``sample=False``): the same
+network as ``"bayesian"`` without the Bayesian average, so that the difference between the
+two is what averaging over weight samples does."""
+
+COMPARED: tuple[str, ...] = ("bayesian", POSTERIOR_MEAN, "deterministic", "mc_dropout",
+                             "ensemble")
+"""The rows of chapter 8's comparison: :data:`METHODS` and :data:`POSTERIOR_MEAN` (no
+network of its own: it evaluates the ``"bayesian"`` one)."""
 
 NUM_BINS = 15
 """Bins of the expected calibration error (the common choice, Guo et al. 2017)."""
 
-HIGHER_IS_BETTER = ("accuracy", "auroc")
+HIGHER_IS_BETTER = ("accuracy", "auroc", "misclassification_auroc")
 """Metric names (last part of a row key) for which a larger value is better."""
 
-LOWER_IS_BETTER = ("nll", "ece", "brier")
-"""Metric names for which a smaller value is better."""
+LOWER_IS_BETTER = ("nll", "ece", "brier", "aurc", "excess_aurc")
+"""Metric names for which a smaller value is better (``ece_floor`` and ``ece_floor_95``
+are neither: they describe the test set's noise, not the method)."""
+
+ECE_FLOOR_SIMULATIONS = 1000
+"""Simulated label sets behind ``ece_floor_95`` in :func:`summary_metrics` (seeded with 0:
+the same probabilities give the same quantile)."""
 
 IGNORED_FOR_REUSE: tuple[str, ...] = (*RESUME_FREE_FIELDS, "epoch_eval_samples",
                                       "eval_samples")
@@ -144,6 +173,8 @@ def sample_probs_for(
     * ``"bayesian"``: one BayesianCNN, :math:`S` = ``num_samples`` passes with fresh weight
       samples (``model(x, sample=True)``);
     * ``"deterministic"``: one network, one pass with ``sample=False``; :math:`S = 1`;
+    * ``"posterior_mean"`` (:data:`POSTERIOR_MEAN`): one BayesianCNN, one pass with
+      ``sample=False``, every weight at its posterior mean; :math:`S = 1`;
     * ``"mc_dropout"``: one DeterministicCNN with dropout > 0, :math:`S` = ``num_samples``
       passes with fresh dropout masks;
     * ``"ensemble"``: a sequence of :math:`M` networks, one ``sample=False`` pass each;
@@ -161,12 +192,14 @@ def sample_probs_for(
     if method == "ensemble":
         return torch.stack([predict_log_probs(member, images, 0, batch_size,
                                               autocast_dtype)[0].exp() for member in members])
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in COMPARED:
+        raise ValueError(f"unknown method {method!r}; choose from {COMPARED}")
     if len(members) != 1:
         raise ValueError(f"method {method!r} takes one network, got {len(members)}")
     model = members[0]
-    if method == "deterministic":
+    if method == POSTERIOR_MEAN and not any(True for _ in model.bayesian_layers()):
+        raise ValueError(f"method {POSTERIOR_MEAN!r} needs a network with Bayesian layers")
+    if method in ("deterministic", POSTERIOR_MEAN):
         return predict_log_probs(model, images, 0, batch_size, autocast_dtype)[0].exp()[None]
     if num_samples < 1:
         raise ValueError(f"method {method!r} needs num_samples >= 1, got {num_samples}")
@@ -178,6 +211,17 @@ def sample_probs_for(
         raise ValueError("method 'bayesian' needs a network with Bayesian layers")
     return predict_log_probs(model, images, num_samples, batch_size, autocast_dtype,
                              include_mean=False)[1].exp()
+
+
+def compared_models(models: Mapping[str, Sequence[nn.Module]]) -> dict[str, Sequence[nn.Module]]:
+    """``models`` (e.g. :attr:`TrainedMethods.models`, every method of :data:`METHODS`) with
+    :data:`POSTERIOR_MEAN` added, which evaluates the ``"bayesian"`` network, in the order of
+    :data:`COMPARED`: the input of :func:`predict_methods` and :func:`evaluate_corruptions`
+    for the comparison's five rows."""
+    missing = [method for method in METHODS if method not in models]
+    if missing:
+        raise ValueError(f"models lacks {missing}; it needs every method of {METHODS}")
+    return {name: models["bayesian" if name == POSTERIOR_MEAN else name] for name in COMPARED}
 
 
 def predict_methods(
@@ -212,19 +256,45 @@ def _model_device(models: nn.Module | Sequence[nn.Module]) -> torch.device:
 
 def summary_metrics(sample_probs: torch.Tensor, labels: torch.Tensor,
                     num_bins: int = NUM_BINS) -> dict[str, float]:
-    r"""Accuracy, NLL, ECE and Brier score of the predictive :math:`\bar p` of ``(S, N, K)``.
+    r"""The metrics of the predictive :math:`\bar p` of ``(S, N, K)`` on ``N`` labelled inputs.
 
-    Also the mean predictive entropy and mean mutual information over the ``N`` inputs
-    (``"entropy"``, ``"mutual_information"``, nats).
+    Keys:
+
+    * ``"accuracy"``, ``"nll"``, ``"ece"`` (``num_bins`` bins), ``"brier"``;
+    * ``"ece_floor"``: the ECE a perfectly calibrated predictor with the same confidences
+      would show on these ``N`` inputs, in expectation
+      (:func:`~bnn_course.metrics.calibrated_ece_expectation`, exact), and
+      ``"ece_floor_95"``: its 95% quantile (:func:`~bnn_course.metrics.ece_noise_floor`,
+      :data:`ECE_FLOOR_SIMULATIONS` simulations, seeded). An ECE below ``ece_floor_95`` is
+      consistent with perfect calibration, and ECE differences smaller than the floor say
+      nothing (:func:`verdict`'s ``noise_floor``);
+    * selective prediction, rejecting by the predictive entropy :math:`\mathbb{H}[\bar p]`:
+      ``"aurc"`` (:func:`~bnn_course.metrics.selective_prediction`), ``"excess_aurc"``
+      (minus :func:`~bnn_course.metrics.oracle_aurc`, Geifman et al. 2019) and
+      ``"misclassification_auroc"`` (:func:`~bnn_course.metrics.misclassification_auroc`:
+      how well the entropy separates wrong from right predictions; NaN when all are right
+      or all wrong);
+    * ``"entropy"``, ``"mutual_information"``: their means over the ``N`` inputs (nats).
     """
     parts = decompose_uncertainty(sample_probs)
     p = parts.predictive
+    fraction_right = accuracy(p, labels)  # checks the labels
+    floor = ece_noise_floor(p.max(-1).values, num_bins, ECE_FLOOR_SIMULATIONS, 0.95,
+                            torch.Generator().manual_seed(0))
+    entropy = parts.total
+    aurc = selective_prediction(p, labels, entropy).aurc
     return {
-        "accuracy": accuracy(p, labels),
+        "accuracy": fraction_right,
         "nll": negative_log_likelihood(p, labels),
         "ece": expected_calibration_error(p, labels, num_bins).ece,
+        "ece_floor": floor.expected,
+        "ece_floor_95": floor.upper,
         "brier": brier_score(p, labels),
-        "entropy": parts.total.double().mean().item(),
+        "aurc": aurc,
+        "excess_aurc": aurc - oracle_aurc(p, labels),
+        "misclassification_auroc": (misclassification_auroc(p, labels, entropy)
+                                    if 0 < fraction_right < 1 else math.nan),
+        "entropy": entropy.double().mean().item(),
         "mutual_information": parts.epistemic.double().mean().item(),
     }
 
@@ -367,11 +437,14 @@ def comparison_rows(
 
     Returns
     -------
-    A list of dicts with the keys ``method``, ``num_samples`` (S), ``accuracy``, ``nll``,
-    ``ece``, ``brier``, ``entropy``, ``mutual_information`` (means over the test set),
-    ``auroc/<set>/<score>`` for every OOD set and score, every key of ``shift``
-    (``corruption/<name>/<severity>/<metric>``) and ``severity/<s>/accuracy`` and
-    ``severity/<s>/ece``: the mean over the corruptions at severity ``s``.
+    A list of dicts with the keys ``method``, ``num_samples`` (S), the keys of
+    :func:`summary_metrics` on the test set (``accuracy``, ``nll``, ``ece``, ``ece_floor``,
+    ``ece_floor_95``, ``brier``, ``aurc``, ``excess_aurc``, ``misclassification_auroc``,
+    ``entropy``, ``mutual_information``), ``auroc/<set>/<score>`` for every OOD set and
+    score, every key of ``shift`` (``corruption/<name>/<severity>/<metric>``) and
+    ``severity/<s>/accuracy``, ``severity/<s>/ece`` and ``severity/<s>/ece_floor``: the
+    means over the corruptions at severity ``s`` (the mean of the floors is the floor of
+    the mean ECE: expectations add).
     """
     rows = []
     for method, probs in test_probs.items():
@@ -381,7 +454,7 @@ def comparison_rows(
             row.update(ood_aurocs(probs, ood_probs[method]))
         if shift is not None:
             row.update(shift[method])
-            row.update(severity_means(shift[method]))
+            row.update(severity_means(shift[method], ("accuracy", "ece", "ece_floor")))
         rows.append(row)
     return rows
 
@@ -454,9 +527,11 @@ def metric_direction(key: str) -> int:
 
 
 def default_table_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The keys :func:`format_table` shows by default: the clean metrics, every OOD AUROC,
-    and the mean accuracy and ECE over the corruptions at each severity."""
-    keys = ["accuracy", "nll", "ece", "brier"]
+    """The keys :func:`format_table` shows by default: the clean metrics (the ECE followed
+    by its noise floor), the selective-prediction metrics, every OOD AUROC, and the mean
+    accuracy, ECE and ECE floor over the corruptions at each severity."""
+    keys = ["accuracy", "nll", "ece", "ece_floor", "ece_floor_95", "brier", "aurc",
+            "excess_aurc", "misclassification_auroc"]
     seen = list(dict.fromkeys(k for row in rows for k in row))
     keys += [k for k in seen if k.startswith("auroc/")]
     keys += [k for k in seen if k.startswith("severity/")]
@@ -550,12 +625,18 @@ def method_configs(base_config: TrainConfig, methods: Sequence[str] = METHODS,
 
 
 BAYESIAN_ONLY_FIELDS: tuple[str, ...] = ("kl_weight", "kl_scaling", "kl_warmup_epochs",
-                                         "init_log_sigma", "prior_sigma", "parametrization")
+                                         "init_log_sigma", "prior_sigma", "prior_scaling",
+                                         "parametrization")
 """:class:`TrainConfig` fields that only a ``"bayesian"`` model uses (:data:`DROPOUT_FIELDS`
 are used only by ``"mc_dropout"``)."""
 
 DROPOUT_FIELDS: tuple[str, ...] = ("dropout", "conv_dropout")
 """:class:`TrainConfig` fields that only an ``"mc_dropout"`` model uses."""
+
+IVON_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                     if f.name.startswith("ivon_"))
+""":class:`TrainConfig` fields that only ``optimizer="ivon"`` uses (IVON also reads
+``prior_sigma`` and ``prior_scaling`` when ``ivon_weight_decay`` is None)."""
 
 
 def config_differences(saved: Mapping[str, Any], config: TrainConfig,
@@ -563,14 +644,22 @@ def config_differences(saved: Mapping[str, Any], config: TrainConfig,
                        only_used: bool = True) -> list[str]:
     """``"field: saved X, now Y"`` for every field of ``config`` that ``saved`` (a
     checkpoint's ``"config"`` dict) has differently, apart from ``ignore`` and, if
-    ``only_used``, the fields ``config.model`` does not use (:data:`BAYESIAN_ONLY_FIELDS`
-    unless ``"bayesian"``, :data:`DROPOUT_FIELDS` unless ``"mc_dropout"``).
+    ``only_used``, the fields the run does not use (:data:`BAYESIAN_ONLY_FIELDS` unless
+    ``"bayesian"`` or IVON's ``prior_sigma``, :data:`DROPOUT_FIELDS` unless
+    ``"mc_dropout"``, :data:`IVON_FIELDS` unless ``optimizer="ivon"``, ``sigma_lr_factor``
+    unless Adam trains a BayesianCNN).
     (:func:`bnn_course.run_folder.config_differences` does the comparing.)"""
     unused = set(ignore)
     if only_used and config.model != "bayesian":
         unused.update(BAYESIAN_ONLY_FIELDS)
     if only_used and config.model != "mc_dropout":
         unused.update(DROPOUT_FIELDS)
+    if only_used and config.optimizer != "ivon":
+        unused.update(IVON_FIELDS)
+    if only_used and config.optimizer == "ivon":  # IVON reads the prior, not the rest
+        unused.difference_update(("prior_sigma", "prior_scaling"))
+    if only_used and (config.optimizer != "adam" or config.model != "bayesian"):
+        unused.add("sigma_lr_factor")
     return _differences(saved, dataclasses.asdict(config), sorted(unused))
 
 
@@ -617,6 +706,10 @@ class TrainedMethods(NamedTuple):
     its history (the epochs' training loops, without set-up and evaluation; for a reused
     network read from its checkpoint, for a resumed one including the epochs before the
     interruption); 0 for a run that is the same network as another (counted there)."""
+    checkpoint_paths: dict[str, str] = {}
+    """``{run name: the checkpoint file its network was loaded from or saved to}`` (for a
+    run that is the same network as another, that run's file; absent for a network trained
+    without ``out_dir``): where its configuration and history can be read back."""
 
 
 def _history_seconds(history: Sequence[Mapping[str, Any]]) -> float:
@@ -657,6 +750,7 @@ def train_methods(
     origins: dict[str, str] = {}
     seconds: dict[str, float] = {}
     recorded: dict[str, float] = {}
+    paths: dict[str, str] = {}
     done: list[tuple[str, TrainConfig, nn.Module]] = []
     for method, name, config in method_configs(base_config, methods, ensemble_size):
         same = next(((other, model) for other, c, model in done if c == config), None)
@@ -665,6 +759,8 @@ def train_methods(
             origins[name] = f"same network as {same[0]} (identical configuration and seed)"
             seconds[name] = 0.0
             recorded[name] = 0.0
+            if same[0] in paths:
+                paths[name] = paths[same[0]]
             log(f"{name}: {origins[name]}")
             continue
         run_dir = Path(out_dir) / name if out_dir is not None else None
@@ -681,6 +777,7 @@ def train_methods(
                 origins[name] = f"reused {reason}"
                 seconds[name] = 0.0
                 recorded[name] = _history_seconds(state["history"])
+                paths[name] = candidate
                 break
             reasons.append(reason)
         if model is None:
@@ -710,55 +807,17 @@ def train_methods(
             origins[name] = (f"trained here: {epochs} in {seconds[name]:.1f} s "
                              f"({last['images_per_second']:,.0f} images/s in the last epoch), "
                              f"because {why}")
+            if run_dir is not None:
+                paths[name] = str(run_dir / CHECKPOINT_NAME)
         models[method].append(model)
         done.append((name, config, model))
         log(f"{name}: {origins[name]}")
-    return TrainedMethods(models, origins, seconds, recorded)
+    return TrainedMethods(models, origins, seconds, recorded, paths)
 
 
 # --------------------------------------------------------------------------------------
 # Choosing MC dropout's rates on held-out training images
 # --------------------------------------------------------------------------------------
-
-
-def validation_split(images: torch.Tensor, labels: torch.Tensor, size: int, seed: int = 0,
-                     num_classes: int = 10,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A stratified, seeded split of a training set into a rest and a held-out part.
-
-    ``size / num_classes`` images of every class, drawn by a random permutation seeded with
-    ``seed`` (a CPU generator: the same split on every device), are held out; both parts
-    keep the original order.
-
-    Parameters
-    ----------
-    images, labels:
-        ``(N, ...)`` and ``(N,)``, labels in ``0..num_classes-1``.
-    size:
-        Images held out; a positive multiple of ``num_classes``, leaving every class at
-        least one image in the rest.
-
-    Returns
-    -------
-    ``(rest_images, rest_labels, held_out_images, held_out_labels)``: ``N - size`` and
-    ``size`` images, on the input's device.
-    """
-    if size <= 0 or size % num_classes:
-        raise ValueError(f"size={size} must be a positive multiple of num_classes="
-                         f"{num_classes}")
-    per_class = size // num_classes
-    generator = torch.Generator().manual_seed(seed)
-    cpu_labels = labels.cpu()
-    held_out = torch.zeros(cpu_labels.shape[0], dtype=torch.bool)
-    for label in range(num_classes):
-        members = (cpu_labels == label).nonzero().squeeze(1)
-        if members.numel() <= per_class:
-            raise ValueError(f"class {label} has {members.numel()} images; holding out "
-                             f"{per_class} would leave none to train on")
-        chosen = members[torch.randperm(members.numel(), generator=generator)[:per_class]]
-        held_out[chosen] = True
-    held_out = held_out.to(labels.device)
-    return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
 
 
 class DropoutSweep(NamedTuple):
@@ -774,13 +833,19 @@ class DropoutSweep(NamedTuple):
     """Wall-clock seconds of this call (training what was not reused, and scoring)."""
     training_seconds: float
     """Training seconds of all candidates, reused ones included (what the sweep costs)."""
+    checkpoint: str | None = None
+    """The chosen candidate's checkpoint file (``None`` without ``out_dir``). When the
+    configuration holds out the validation images itself, this network trained on the same
+    images as every other network of that configuration: with ``epochs`` equal to the
+    budget's, pass it to :func:`train_methods` (``checkpoints={"mc_dropout": ...}``) and it
+    is reused as the final MC dropout network instead of being trained again."""
 
 
 def choose_dropout(
     data: CIFAR10Data,
     base_config: TrainConfig,
     candidates: Sequence[tuple[float, float]],
-    validation_size: int,
+    validation_size: int | None,
     epochs: int,
     num_samples: int,
     out_dir: str | os.PathLike | None = None,
@@ -792,8 +857,14 @@ def choose_dropout(
 ) -> DropoutSweep:
     r"""Choose MC dropout's ``(dropout, conv_dropout)`` by the NLL on held-out images.
 
-    The training set of ``base_config`` (:func:`bnn_course.train.training_set`) is split by
-    :func:`validation_split` into ``validation_size`` held-out images and the rest. Each
+    When ``base_config`` holds out validation images itself (``validation_size > 0``),
+    those are the held-out images (:func:`bnn_course.train.validation_set`) and the
+    candidates train on the rest, exactly as the final network of that configuration would
+    (so a candidate trained for the budget's epochs *is* that network, and is reused);
+    ``validation_size`` must then be ``None`` or the same number. Otherwise the training
+    set of ``base_config`` (:func:`bnn_course.train.training_set`) is split by
+    :func:`~bnn_course.data.validation_split` into ``validation_size`` held-out images and
+    the rest. Each
     candidate ``(dense rate, conv rate)`` trains an ``"mc_dropout"`` network with
     ``base_config``'s budget but ``epochs`` epochs on the rest (:func:`train_methods`, so a
     finished run in ``out_dir/<candidate>/mc_dropout`` is reused), and is scored on the
@@ -810,20 +881,32 @@ def choose_dropout(
             raise ValueError(f"candidate ({dense}, {conv}): both rates must be in [0, 1) "
                              "and at least one above 0")
     started = time.perf_counter()
-    from bnn_course.train import training_set
+    from bnn_course.train import training_set, validation_set
 
-    images, labels = training_set(base_config, data)
-    rest_images, rest_labels, held_images, held_labels = validation_split(
-        images, labels, validation_size, seed)
-    split = dataclasses.replace(
-        data, train_images=rest_images, train_labels=rest_labels, test_images=held_images,
-        test_labels=held_labels,
-        source=f"{data.source}; {rest_labels.shape[0]:,} training images of a split "
-               f"holding out {validation_size:,} (seed {seed})")
+    if base_config.validation_size:
+        if validation_size not in (None, base_config.validation_size):
+            raise ValueError(f"validation_size={validation_size}, but the configuration "
+                             f"already holds out {base_config.validation_size} images: use "
+                             "those (pass None)")
+        held_images, held_labels = validation_set(base_config, data)
+        split, subset = data, base_config.train_subset
+    else:
+        if validation_size is None:
+            raise ValueError("validation_size is needed when the configuration holds out "
+                             "no images")
+        images, labels = training_set(base_config, data)
+        rest_images, rest_labels, held_images, held_labels = validation_split(
+            images, labels, validation_size, seed)
+        split = dataclasses.replace(
+            data, train_images=rest_images, train_labels=rest_labels, test_images=held_images,
+            test_labels=held_labels,
+            source=f"{data.source}; {rest_labels.shape[0]:,} training images of a split "
+                   f"holding out {validation_size:,} (seed {seed})")
+        subset = None
     rows = []
     for dense, conv in candidates:
         config = dataclasses.replace(base_config, model="mc_dropout", dropout=dense,
-                                     conv_dropout=conv, epochs=epochs, train_subset=None)
+                                     conv_dropout=conv, epochs=epochs, train_subset=subset)
         run_dir = (Path(out_dir) / f"dropout{dense:g}-conv{conv:g}"
                    if out_dir is not None else None)
         trained = train_methods(split, config, ("mc_dropout",), out_dir=run_dir,
@@ -835,14 +918,17 @@ def choose_dropout(
         row = {"dropout": dense, "conv_dropout": conv,
                **{key: metrics[key] for key in ("nll", "accuracy", "ece", "brier")},
                "seconds": trained.recorded_seconds["mc_dropout"],
-               "origin": trained.origins["mc_dropout"]}
+               "origin": trained.origins["mc_dropout"],
+               "checkpoint": trained.checkpoint_paths.get("mc_dropout")}
         rows.append(row)
         log(f"dropout {dense:g}, conv_dropout {conv:g}: held-out NLL {row['nll']:.4f}, "
             f"accuracy {row['accuracy']:.4f}, ECE {row['ece']:.4f}; "
             f"{row['origin'].split(',')[0].split(' (')[0]}")
     best = min(rows, key=lambda row: row["nll"])
-    return DropoutSweep(rows, (best["dropout"], best["conv_dropout"]),
-                        time.perf_counter() - started, sum(row["seconds"] for row in rows))
+    return DropoutSweep([{k: v for k, v in row.items() if k != "checkpoint"} for row in rows],
+                        (best["dropout"], best["conv_dropout"]),
+                        time.perf_counter() - started, sum(row["seconds"] for row in rows),
+                        best["checkpoint"])
 
 
 # --------------------------------------------------------------------------------------
@@ -861,20 +947,78 @@ def paired_difference(values_a: torch.Tensor, values_b: torch.Tensor) -> tuple[f
     return d.mean().item(), d.std().item() / math.sqrt(d.numel())
 
 
+def seed_difference(values_a: Sequence[float], values_b: Sequence[float],
+                    ) -> tuple[float, float]:
+    r"""Mean over training seeds of :math:`d_s = a_s - b_s` and its standard error.
+
+    ``values_a[i]`` and ``values_b[i]`` are one measure (accuracy, NLL, ...) of two methods
+    trained with the same seed :math:`s_i`, so the differences are paired by seed. Returns
+    :math:`\bar d` and :math:`\mathrm{sd}(d)/\sqrt{n}` over the :math:`n` seeds: the
+    standard error that covers the training run (initialisation, data order, noise), which
+    the paired standard error over test images (:func:`paired_difference`) does not. With one
+    seed the spread of training runs is not measured, and the standard error is NaN
+    (:func:`verdict` then says ``"not measured"``); with :math:`n` seeds it has
+    :math:`n - 1` degrees of freedom, so a few seeds give a rough one.
+    """
+    a = [float(value) for value in values_a]
+    b = [float(value) for value in values_b]
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need one value per seed for both methods, got {len(a)} and {len(b)}")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    if len(d) < 2:
+        return d.mean().item(), math.nan
+    return d.mean().item(), d.std().item() / math.sqrt(len(d))
+
+
 def resample_weights(size: int, num_resamples: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bootstrap resamples of ``size`` items as multiplicities: float64 ``(R, size)``.
+                     generator: torch.Generator | None = None,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Bootstrap resamples of ``size`` items as multiplicities: float64 ``(R, size)``.
 
     Row ``r`` counts how often each item is drawn in ``size`` draws with replacement, so a
     weighted statistic with row ``r`` as weights is the statistic of the ``r``-th resample.
     Giving two methods the same rows makes their bootstrap differences *paired*, and the
     standard deviation over rows of a statistic's difference is its bootstrap standard error.
+
+    With ``groups``, whole groups are resampled (the cluster bootstrap, Davison & Hinkley
+    1997, section 3.8): items of one group are not independent (crops of one photograph),
+    so the :math:`G` groups are drawn :math:`G` times with replacement and every item gets
+    its group's count, :math:`w_{rn} = C_{r, g(n)}`. Each group's count has mean 1, so each
+    item's multiplicity has mean 1 and a row sums to ``size`` in expectation (exactly only
+    when the groups have equal sizes). With one item per group this is the plain bootstrap:
+    ``groups = torch.arange(size)`` gives the very same rows for the same generator state.
+    With few groups the resamples are few (:math:`\binom{2G-1}{G}` distinct ones: 3 for two
+    photographs), and so is the information in the standard error.
+
+    Parameters
+    ----------
+    size:
+        Number of items :math:`N`.
+    num_resamples:
+        Number of resamples :math:`R`.
+    generator:
+        CPU generator of the draws.
+    groups:
+        ``(size,)`` integers, equal for items of the same group (any values; e.g.
+        :func:`bnn_course.ood.load_ood_sets`' ``groups``), or ``None`` for independent items.
     """
     if size < 1 or num_resamples < 1:
         raise ValueError(f"size and num_resamples must be >= 1, got {size}, {num_resamples}")
-    draws = torch.randint(size, (num_resamples, size), generator=generator)
-    weights = torch.zeros(num_resamples, size, dtype=torch.float64)
-    return weights.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    if groups is None:
+        group_of = None
+        num_groups = size
+    else:
+        if not isinstance(groups, torch.Tensor) or groups.shape != (size,):
+            shape = tuple(groups.shape) if isinstance(groups, torch.Tensor) else type(groups)
+            raise ValueError(f"groups must be a tensor of shape ({size},), got {shape}")
+        if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+            raise ValueError(f"groups must hold integer group labels, got {groups.dtype}")
+        _, group_of = torch.unique(groups.cpu(), return_inverse=True)
+        num_groups = int(group_of.max()) + 1
+    draws = torch.randint(num_groups, (num_resamples, num_groups), generator=generator)
+    counts = torch.zeros(num_resamples, num_groups, dtype=torch.float64)
+    counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    return counts if group_of is None else counts[:, group_of]
 
 
 def weighted_ece(probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
@@ -920,24 +1064,74 @@ def weighted_auroc(score_in: torch.Tensor, score_out: torch.Tensor,
     return ((lower + 0.5 * tied) * w_out).sum(1) / (w_in.sum(1) * w_out.sum(1))
 
 
+def _printed_digits(numbers: Sequence[float], agrees: Callable[[list[Decimal]], bool],
+                    digits: int) -> int:
+    """The fewest decimals, at least ``digits``, with which the absolute values of
+    ``numbers`` as printed still satisfy ``agrees`` (the decision taken on the unrounded
+    numbers) and a nonzero ``numbers[1]`` (a standard error) prints nonzero; at most
+    ``digits + 8``."""
+    for places in range(digits, digits + 9):
+        printed = [Decimal(f"{abs(x):.{places}f}") for x in numbers]
+        if (printed[1] > 0 or numbers[1] == 0) and agrees(printed):
+            return places
+    return digits + 8
+
+
 def verdict(difference: float, standard_error: float, direction: int, digits: int = 3,
-            threshold: float = 2.0) -> str:
+            threshold: float = 2.0, noise_floor: float | None = None) -> str:
     """A difference ``a - b`` and its paired standard error in words, from ``a``'s side.
 
     ``direction`` is +1 when larger is better (accuracy, AUROC), -1 when smaller is (NLL,
-    ECE, Brier). Returns ``"better by 0.012 +- 0.004"``, ``"worse by ..."``, or
-    ``"no difference beyond 2 paired standard errors (+0.003 +- 0.004)"`` when
-    ``|difference| <= threshold * standard_error``.
+    ECE, Brier). The decision is taken on the unrounded numbers, in this order:
+
+    1. ``"not measured"`` when either number is NaN;
+    2. ``"no difference beyond 2 paired standard errors (+0.003 +- 0.004)"`` when
+       ``|difference| <= threshold * standard_error``: not significant, which is not the
+       same as equal;
+    3. ``"below the noise floor of 0.043 (-0.022 +- 0.008)"`` when ``noise_floor`` is
+       given and ``|difference| <= noise_floor``: beyond the standard errors, but smaller
+       than the differences that noise alone produces. For an ECE pass the larger of the
+       two methods' ``ece_floor`` (:func:`summary_metrics`; for the ECE under shift,
+       ``severity/<s>/ece_floor``): two calibrated predictors would show ECEs of about that
+       size, so a smaller difference is no win;
+    4. ``"better by 0.012 +- 0.004"`` or ``"worse by ..."`` otherwise (followed by
+       ``" (noise floor 0.043)"`` when a floor was given).
+
+    The numbers are printed with ``digits`` decimals, or more where fewer would make the
+    printed numbers contradict the decision (``-0.0065 +- 0.0033`` is within two standard
+    errors; with three decimals, ``-0.007 +- 0.003``, it would not look so), and with
+    enough decimals to show a nonzero standard error.
     """
     if direction not in (1, -1):
         raise ValueError(f"direction must be +1 or -1, got {direction}")
+    if noise_floor is not None and not noise_floor >= 0:
+        raise ValueError(f"noise_floor must be >= 0 or None, got {noise_floor}")
     if math.isnan(difference) or math.isnan(standard_error):
         return "not measured"
-    if abs(difference) <= threshold * standard_error:
-        return (f"no difference beyond {threshold:g} paired standard errors "
-                f"({difference:+.{digits}f} +- {standard_error:.{digits}f})")
+    if standard_error < 0:
+        raise ValueError(f"standard_error must be >= 0, got {standard_error}")
+    limit = Decimal(repr(float(threshold)))
+    within_errors = abs(difference) <= threshold * standard_error
+    below_floor = noise_floor is not None and abs(difference) <= noise_floor
+    numbers = [difference, standard_error] + ([noise_floor] if noise_floor is not None else [])
+
+    def agrees(printed: list[Decimal]) -> bool:
+        same = (printed[0] <= limit * printed[1]) == within_errors
+        if noise_floor is not None and not within_errors:
+            same = same and (printed[0] <= printed[2]) == below_floor
+        return same
+
+    places = _printed_digits(numbers, agrees, digits)
+    numbers_text = f"{difference:+.{places}f} +- {standard_error:.{places}f}"
+    if within_errors:
+        return f"no difference beyond {threshold:g} paired standard errors ({numbers_text})"
+    if below_floor:
+        return f"below the noise floor of {noise_floor:.{places}f} ({numbers_text})"
     word = "better" if difference * direction > 0 else "worse"
-    return f"{word} by {abs(difference):.{digits}f} +- {standard_error:.{digits}f}"
+    text = f"{word} by {abs(difference):.{places}f} +- {standard_error:.{places}f}"
+    if noise_floor is not None:
+        text += f" (noise floor {noise_floor:.{places}f})"
+    return text
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ and floats that a notebook plots; nothing here draws, except the small
   where does the objective's optimum lie, and what may the data buy?
 * :func:`sigma_summary` -- did the posterior standard deviations move, and how loud are they
   next to the means?
+* :func:`adam_log_sigma_bound`, :func:`sigma_movement` -- did they move as far as Adam's step
+  size allows (the step size decides where they are), or less (the objective does)?
 * :func:`activation_scales` -- how large is the sampling noise next to the signal, layer by
   layer?
 * :func:`prediction_collapse` -- does the network predict one class for everything?
@@ -51,6 +53,7 @@ from torch import nn
 from bnn_course.data import normalize
 from bnn_course.elbo import negative_elbo
 from bnn_course.layers import BayesianLayer, bayesian_layers
+from bnn_course.train import TrainConfig, learning_rate
 from bnn_course.weight_noise import noise_statistics
 
 STEP_KEYS = ("step", "nll", "kl", "kl_term")
@@ -463,6 +466,152 @@ def sigma_summary(
             "num_weights": sigma.numel(),
         }
     return summaries
+
+
+def _check_steps_per_epoch(steps_per_epoch: int) -> None:
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) \
+            or steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+
+
+def adam_log_sigma_bound(config: TrainConfig, steps_per_epoch: int,
+                         steps: int | None = None) -> float:
+    r"""About the farthest Adam moves one :math:`\log\sigma` in the first ``steps`` steps.
+
+    Adam changes a parameter by :math:`\eta_t\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)`, where
+    :math:`\hat m_t` and :math:`\hat v_t` are running means of the gradient and of its square.
+    Since :math:`|\hat m_t| \lesssim \sqrt{\hat v_t}`, a step is at most about the learning
+    rate :math:`\eta_t`, whatever the gradient's size, and it is that large when the
+    gradient keeps its sign and size from step to step (chapter 6's "speed limit"). Over the
+    first :math:`T` steps of the run of ``config`` the change of a :math:`\log\sigma` is
+    therefore at most about
+
+    .. math::
+
+        B(T) = f \sum_{t=0}^{T-1} \eta_t,
+
+    with :math:`\eta_t` = :func:`bnn_course.train.learning_rate` ``(config, t, total)`` for
+    ``total = config.epochs * steps_per_epoch`` (the engine's schedule) and
+    :math:`f` = ``config.sigma_lr_factor`` (the sigma parameters' own Adam group). For the
+    constant schedule :math:`B(T) = f\eta T`; for the cosine schedule over the whole run,
+    :math:`B = f\eta\,(\text{total} + 1)/2`.
+
+    Parameters
+    ----------
+    config:
+        The run's configuration.
+    steps_per_epoch:
+        Optimiser steps per epoch, :math:`\lceil N / \text{batch size} \rceil`.
+    steps:
+        :math:`T`, in ``[0, total]``; ``None`` for the whole run.
+    """
+    _check_steps_per_epoch(steps_per_epoch)
+    total = config.epochs * steps_per_epoch
+    steps = total if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= total:
+        raise ValueError(f"steps must be an int in [0, {total}] (the run's steps), got "
+                         f"{steps!r}")
+    return config.sigma_lr_factor * math.fsum(learning_rate(config, t, total)
+                                              for t in range(steps))
+
+
+def sigma_movement(history: Sequence[Mapping[str, Any]], config: TrainConfig,
+                   steps_per_epoch: int,
+                   initial_sigma: float | Mapping[str, float] | None = None
+                   ) -> dict[str, Any]:
+    r"""How far each layer's :math:`\sigma` moved after every epoch, against Adam's bound.
+
+    With :math:`\bar\sigma_{e,l}` the mean weight :math:`\sigma` of layer :math:`l` after
+    epoch :math:`e` (``history[e]["sigma"]``), :math:`\bar\sigma_{0,l}` its initial value and
+    :math:`B` of :func:`adam_log_sigma_bound` after :math:`e` epochs of :math:`T` steps,
+
+    .. math::
+
+        \text{moved}_{e,l} = \log\bar\sigma_{e,l} - \log\bar\sigma_{0,l}, \qquad
+        \text{share}_{e,l} = \text{moved}_{e,l} / B(eT).
+
+    Every :math:`\log\sigma_i` of the layer moves by at most about :math:`B`, so
+    :math:`\bar\sigma` does too, and :math:`|\text{share}| \lesssim 1`. A share near
+    :math:`\pm 1` means the layer's :math:`\sigma` moved as fast as Adam allows: the step
+    size, not the objective, set where they are, and the gradient of :math:`\log\sigma` kept
+    its sign (as when the KL alone drives it). A share near 0 after many steps means the
+    gradient's sign kept changing, or pointed nowhere any more: Adam's normalised steps
+    cancelled.
+
+    Parameters
+    ----------
+    history:
+        ``TrainResult.history`` or the ``"history"`` of a ``metrics.json``: records with
+        ``"epoch"`` (1, 2, ...) and ``"sigma"`` (``{layer: mean weight sigma}``), and
+        optionally the logged ``"steps"``, whose last step of epoch :math:`e` must then be
+        :math:`eT` (a check of ``steps_per_epoch``).
+    config:
+        The run's configuration (schedule, learning rate, ``sigma_lr_factor``, epochs).
+    steps_per_epoch:
+        :math:`T`.
+    initial_sigma:
+        :math:`\bar\sigma_{0,l}`: one value for every layer, or one per layer; ``None`` takes
+        :math:`e^{\texttt{init\_log\_sigma}}`, where every :math:`\sigma` of a fresh model
+        starts.
+
+    Returns
+    -------
+    dict
+        ``layers`` (the L layer names, input to output), ``epoch`` and ``step`` (int64, shape
+        (E,)), ``bound`` (float64, (E,)), ``moved`` and ``share`` (float64, (E, L)).
+
+    Raises
+    ------
+    ValueError
+        On an empty history, records without ``"sigma"`` or with other layers than the
+        first, epochs that are not 1, 2, ..., E with E at most ``config.epochs``, logged
+        steps that disagree with ``steps_per_epoch``, or a non-positive sigma.
+    """
+    _check_steps_per_epoch(steps_per_epoch)
+    if len(history) == 0:
+        raise ValueError("history is empty: train for at least one epoch")
+    if any("sigma" not in record or not record["sigma"] for record in history):
+        raise ValueError("every history record needs a non-empty 'sigma' (mean sigma per "
+                         "layer); a deterministic network has none")
+    layers = list(history[0]["sigma"])
+    epochs = [record.get("epoch") for record in history]
+    if epochs != list(range(1, len(history) + 1)) or len(history) > config.epochs:
+        raise ValueError(f"history's epochs must be 1, 2, ..., E with E <= config.epochs = "
+                         f"{config.epochs}; got {epochs[:5]}{' ...' if len(epochs) > 5 else ''}")
+    for record in history:
+        if list(record["sigma"]) != layers:
+            raise ValueError(f"epoch {record['epoch']} has the layers {list(record['sigma'])}, "
+                             f"epoch 1 has {layers}")
+        logged = record.get("steps") or []
+        if logged and logged[-1]["step"] != record["epoch"] * steps_per_epoch:
+            raise ValueError(f"epoch {record['epoch']} ends at step {logged[-1]['step']}, not "
+                             f"at {record['epoch']} x steps_per_epoch = "
+                             f"{record['epoch'] * steps_per_epoch}: is steps_per_epoch wrong?")
+    if initial_sigma is None:
+        initial_sigma = math.exp(config.init_log_sigma)
+    if isinstance(initial_sigma, Mapping):
+        missing = [name for name in layers if name not in initial_sigma]
+        if missing:
+            raise ValueError(f"initial_sigma lacks the layers {missing}")
+        start = torch.tensor([float(initial_sigma[name]) for name in layers],
+                             dtype=torch.float64)
+    else:
+        start = torch.full((len(layers),), float(initial_sigma), dtype=torch.float64)
+    sigma = torch.tensor([[float(record["sigma"][name]) for name in layers]
+                          for record in history], dtype=torch.float64)
+    if not (start > 0).all() or not (sigma > 0).all():
+        raise ValueError("every sigma (initial and logged) must be positive")
+    # B(e T) for every epoch e from one pass over the run's schedule.
+    total = config.epochs * steps_per_epoch
+    rates = torch.tensor([learning_rate(config, t, total) for t in range(total)],
+                         dtype=torch.float64)
+    cumulative = config.sigma_lr_factor * torch.cumsum(rates, 0)
+    epoch = torch.arange(1, len(history) + 1, dtype=torch.int64)
+    step = epoch * steps_per_epoch
+    bound = cumulative[step - 1]
+    moved = sigma.log() - start.log()
+    return {"layers": layers, "epoch": epoch, "step": step, "bound": bound, "moved": moved,
+            "share": moved / bound[:, None]}
 
 
 # ---------------------------------------------------------------------- activations

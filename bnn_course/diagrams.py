@@ -257,7 +257,7 @@ CHAPTER_MAP_PATH = "book/figures/chapter_map.svg"
 """Where :func:`write_chapter_map` puts the map, relative to the repository root."""
 
 CHAPTER_PREREQUISITES: dict[int, tuple[int, ...]] = {
-    2: (1,), 3: (2,), 4: (3,), 5: (4,), 6: (5,), 7: (6,), 8: (6,),
+    2: (1,), 3: (2,), 4: (3,), 5: (4,), 6: (5,), 7: (6,), 8: (6,), 9: (6, 8),
 }
 """Which chapters each chapter builds on directly (the arrows of the chapter map)."""
 

@@ -56,6 +56,10 @@ def predict_log_probs(
     Forward passes only: no autograd state, each batch normalised once and laid out as
     :func:`~bnn_course.layers.preferred_memory_format` says, then passed through the
     network ``num_samples`` times (and once more with the means if ``include_mean``).
+    Nothing in the loop reads a value back from the device (no ``.item()``, no test of a
+    tensor's value), so on a GPU the passes are queued without waiting; a BayesianCNN draws
+    the randomness of each sampled pass at once
+    (:func:`~bnn_course.layers.draw_flipout_noise`).
 
     Parameters
     ----------

@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 
-def rademacher(shape: tuple[int, ...], *, like: torch.Tensor) -> torch.Tensor:
-    """Independent signs :math:`\\pm 1` with probability 1/2, on ``like``'s device and dtype."""
+def rademacher(shape: tuple[int, ...], *, like: torch.Tensor,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Independent signs :math:`\\pm 1` with probability 1/2, on ``like``'s device, in
+    ``dtype`` (default: ``like``'s dtype)."""
     # randint is about 2.5x faster than bernoulli_ on CPUs, and as fast on GPUs.
-    signs = torch.randint(0, 2, shape, device=like.device, dtype=like.dtype)
+    signs = torch.randint(0, 2, shape, device=like.device, dtype=dtype or like.dtype)
     return signs.mul_(2).sub_(1)
 
 
@@ -224,10 +226,13 @@ def _fused_conv2d_flipout(
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.to(dtype) if t is not None and autocasting else t
 
+    def cast_sign(signs: torch.Tensor) -> torch.Tensor:  # exact; no op when drawn in dtype
+        return signs if signs.dtype == dtype else signs.to(dtype)
+
     with torch.autocast(device_type, enabled=False):
         output = _Conv2dFlipoutFunction.apply(
             cast(x), cast(weight_mu), cast(weight_delta), cast(bias_mu), cast(bias_delta),
-            sign_in.to(dtype), sign_out.to(dtype),
+            cast_sign(sign_in), cast_sign(sign_out),
             (list(_pair(stride)), list(padding), list(_pair(dilation)), groups))
     return output
 

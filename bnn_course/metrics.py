@@ -13,9 +13,15 @@ Conventions (every function validates its input and raises :class:`ValueError` o
 * **Expected calibration error** (Guo et al., 2017): top-label confidence
   :math:`\max_k p_{nk}` in ``num_bins`` equal-width bins :math:`((m-1)/M, m/M]`,
   :math:`\mathrm{ECE} = \sum_m \frac{|B_m|}{N} |\mathrm{acc}(B_m) - \mathrm{conf}(B_m)|`.
+* **ECE noise floor**: the ECE a *perfectly calibrated* predictor with the same
+  confidences would show on the same :math:`N` inputs (each prediction right with
+  probability equal to its confidence); an ECE, or a difference of ECEs, below it is not
+  evidence of miscalibration.
 * **Selective prediction**: the inputs with the *lowest* uncertainty are kept. Risk is the
   error rate on the kept inputs; AURC (Geifman et al., 2019) is the mean risk over the
-  coverages :math:`k/N`, :math:`k = 1..N`.
+  coverages :math:`k/N`, :math:`k = 1..N`; excess AURC subtracts the AURC of the ideal
+  ranking (every error rejected first) at the same error rate. Misclassification AUROC:
+  the AUROC of the uncertainty separating wrong (positive) from right predictions.
 * **OOD detection**: a score per input, **higher = more out-of-distribution**; OOD inputs are
   the **positive** class for AUROC, AUPR and "FPR at 95% TPR" (the fraction of in-distribution
   inputs flagged as OOD at the threshold that catches 95% of the OOD ones), as in Hendrycks et
@@ -30,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from bnn_course.uncertainty import check_probabilities, decompose_uncertainty
+from bnn_course.uncertainty import PROBABILITY_ATOL, check_probabilities, decompose_uncertainty
 
 # --------------------------------------------------------------------------------------
 # Checks
@@ -147,6 +153,20 @@ class Calibration(NamedTuple):
     """``(M,)`` number of inputs in each bin (int64)."""
 
 
+def _check_num_bins(num_bins: int) -> None:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+
+
+def _calibration_bins(confidence: torch.Tensor,
+                      num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges ``(M + 1,)`` and the bin ``(N,)`` of each float64 CPU confidence: bin ``m`` is
+    ``(edges[m], edges[m + 1]]``, a confidence of exactly 0 in bin 0."""
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
+    # bucketize(right=False) on the inner edges: index m for edges[m] < c <= edges[m + 1].
+    return edges, torch.bucketize(confidence, edges[1:-1], right=False)
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor,
                                num_bins: int = 15) -> Calibration:
     r"""Top-label ECE with ``num_bins`` equal-width bins, and a reliability diagram's data.
@@ -171,15 +191,12 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor,
     :class:`Calibration`: ``ece`` and per-bin edges, mean confidence, accuracy and count;
     plot ``accuracy`` against ``mean_confidence`` (or bin centres) for a reliability diagram.
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+    _check_num_bins(num_bins)
     p, y = _check_labelled(probs, labels)
     # float64 on the CPU (float64 is not available on every accelerator)
     confidence, prediction = p.cpu().double().max(-1)
     correct = (prediction == y.cpu()).double()
-    edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
-    # bucketize(right=False) on the inner edges: index m for edges[m] < c <= edges[m + 1].
-    index = torch.bucketize(confidence, edges[1:-1], right=False)
+    edges, index = _calibration_bins(confidence, num_bins)
     count = torch.zeros(num_bins, dtype=torch.int64).index_add_(
         0, index, torch.ones_like(index))
     conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
@@ -191,6 +208,180 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor,
     gaps = (bin_accuracy - mean_confidence).abs()[filled]
     ece = (count[filled].double() / n * gaps).sum().item()
     return Calibration(ece, edges, mean_confidence, bin_accuracy, count)
+
+
+# --------------------------------------------------------------------------------------
+# The noise floor of the ECE
+# --------------------------------------------------------------------------------------
+
+
+def _check_confidences(confidences: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` confidences in [0, 1], N >= 1, as float64 on the CPU (values outside by
+    less than :data:`~bnn_course.uncertainty.PROBABILITY_ATOL` are clamped)."""
+    if not isinstance(confidences, torch.Tensor):
+        raise ValueError(f"confidences must be a torch.Tensor, got {type(confidences).__name__}")
+    if confidences.dim() != 1 or confidences.numel() == 0:
+        raise ValueError(f"confidences must be one value per input, shape (N,) with N >= 1, "
+                         f"got {tuple(confidences.shape)}")
+    if confidences.is_complex() or confidences.dtype == torch.bool:
+        raise ValueError(f"confidences must be real numbers, got {confidences.dtype}")
+    c = confidences.detach().to("cpu", torch.float64)
+    # as check_probabilities: rounding may leave a probability PROBABILITY_ATOL outside [0, 1]
+    if (not torch.isfinite(c).all() or c.min() < -PROBABILITY_ATOL
+            or c.max() > 1 + PROBABILITY_ATOL):
+        raise ValueError(f"confidences must lie in [0, 1], got values from {c.min().item()} "
+                         f"to {c.max().item()}")
+    return c.clamp(0, 1)
+
+
+def ece_noise_bound(num_items: int, num_bins: int = 15) -> float:
+    r"""Chapter 8's upper bound on the expected ECE of a calibrated predictor:
+    :math:`\frac12 \sqrt{M / N}`.
+
+    Each bin's correct count :math:`S_m` has standard deviation
+    :math:`\sigma_m \le \sqrt{|B_m|}/2`, so
+    :math:`\mathbb{E}[\mathrm{ECE}] \le \frac1N \sum_m \sigma_m
+    \le \frac{1}{2N} \sum_m \sqrt{|B_m|} \le \frac12\sqrt{M/N}` (Jensen, then
+    Cauchy-Schwarz). It holds for any confidences, and is loose: confidences near 1 (small
+    :math:`\sigma_m`) or few filled bins give a floor well below it; use
+    :func:`calibrated_ece_expectation` or :func:`ece_noise_floor` for the floor of given
+    confidences.
+    """
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+        raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+    _check_num_bins(num_bins)
+    return 0.5 * math.sqrt(num_bins / num_items)
+
+
+def _poisson_binomial_pmf(probabilities: torch.Tensor) -> torch.Tensor:
+    """``(n + 1,)`` float64: P(S = k) for S the number of successes of independent
+    Bernoulli trials with success ``probabilities`` ``(n,)`` (float64, CPU), by adding one
+    trial at a time: :math:`P_{j+1}(k) = (1 - c) P_j(k) + c P_j(k - 1)`."""
+    pmf = torch.zeros(probabilities.numel() + 1, dtype=torch.float64)
+    pmf[0] = 1.0
+    for j, c in enumerate(probabilities.tolist()):  # support 0..j before this trial
+        pmf[1:j + 2] = pmf[1:j + 2] * (1 - c) + pmf[:j + 1] * c
+        pmf[0] *= 1 - c
+    return pmf
+
+
+def calibrated_ece_expectation(confidences: torch.Tensor, num_bins: int = 15) -> float:
+    r"""The exact expected ECE of a perfectly calibrated predictor with these confidences.
+
+    Calibrated: prediction :math:`n` is right with probability :math:`c_n`, independently.
+    Then bin :math:`m`'s correct count :math:`S_m = \sum_{n \in B_m} z_n`,
+    :math:`z_n \sim \mathrm{Bernoulli}(c_n)`, is Poisson-binomial with mean
+    :math:`\mu_m = \sum_{n \in B_m} c_n`, the ECE is
+    :math:`\frac1N \sum_m |S_m - \mu_m|`, and
+
+    .. math::
+
+        \mathbb{E}[\mathrm{ECE}] = \frac1N \sum_m \sum_{k=0}^{|B_m|}
+        P(S_m = k)\, |k - \mu_m|,
+
+    with :math:`P(S_m = k)` computed exactly (one trial at a time, :math:`O(|B_m|^2)`).
+    For large bins :math:`\mathbb{E}|S_m - \mu_m| \approx \sqrt{2/\pi}\,\sigma_m`,
+    :math:`\sigma_m^2 = \sum_{n \in B_m} c_n (1 - c_n)`: for a fixed distribution of
+    confidences the floor shrinks like :math:`1/\sqrt{N}`. Always below
+    :func:`ece_noise_bound`.
+
+    Parameters
+    ----------
+    confidences:
+        ``(N,)`` top-label confidences :math:`\max_k p_{nk}` in [0, 1].
+    num_bins:
+        The bins of :func:`expected_calibration_error`.
+    """
+    _check_num_bins(num_bins)
+    c = _check_confidences(confidences)
+    _, index = _calibration_bins(c, num_bins)
+    total = 0.0
+    for m in index.unique().tolist():
+        in_bin = c[index == m]
+        pmf = _poisson_binomial_pmf(in_bin)
+        k = torch.arange(pmf.numel(), dtype=torch.float64)
+        total += (pmf * (k - in_bin.sum()).abs()).sum().item()
+    return total / c.numel()
+
+
+class ECENoiseFloor(NamedTuple):
+    """Output of :func:`ece_noise_floor`: the ECE a calibrated predictor would show."""
+
+    mean: float
+    """Mean of the simulated ECEs (Monte Carlo estimate of ``expected``)."""
+    upper: float
+    """Their ``level`` quantile: a calibrated predictor's ECE exceeds it with probability
+    about ``1 - level``."""
+    level: float
+    """The quantile level of ``upper`` (e.g. 0.95)."""
+    expected: float
+    """The exact expected value, :func:`calibrated_ece_expectation`."""
+    bound: float
+    """Chapter 8's bound :math:`\\frac12\\sqrt{M/N}`, :func:`ece_noise_bound` (>= ``expected``)."""
+    samples: torch.Tensor
+    """``(num_simulations,)`` float64: the simulated ECEs (for a histogram)."""
+
+
+def ece_noise_floor(confidences: torch.Tensor, num_bins: int = 15,
+                    num_simulations: int = 1000, level: float = 0.95,
+                    generator: torch.Generator | None = None) -> ECENoiseFloor:
+    r"""The distribution of the ECE of a perfectly calibrated predictor, by simulation.
+
+    Keeps the confidences :math:`c_n` (and so the bins) and draws, ``num_simulations``
+    times, whether each prediction is right, :math:`z_n \sim \mathrm{Bernoulli}(c_n)`,
+    independently: labels drawn from a predictor's own probabilities, as chapter 8 does
+    once. Each draw gives
+    :math:`\mathrm{ECE} = \frac1N \sum_m |\sum_{n \in B_m} (z_n - c_n)|`
+    (:func:`expected_calibration_error`'s bins). An observed ECE below ``upper`` is
+    consistent with perfect calibration at this :math:`N`, and an ECE difference smaller
+    than the floor is no evidence that one predictor is better calibrated.
+
+    Parameters
+    ----------
+    confidences:
+        ``(N,)`` top-label confidences :math:`\max_k p_{nk}` in [0, 1].
+    num_bins:
+        The bins of the ECE.
+    num_simulations:
+        Number of simulated label sets; the Monte Carlo standard error of ``mean`` is the
+        standard deviation of ``samples`` over :math:`\sqrt{\text{num\_simulations}}`.
+    level:
+        Quantile level of ``upper``, in (0, 1).
+    generator:
+        Random numbers (drawn on its device); seed it for a repeatable floor.
+
+    Returns
+    -------
+    :class:`ECENoiseFloor` with the simulated mean and ``level`` quantile, the exact
+    expectation (:func:`calibrated_ece_expectation`) and chapter 8's bound
+    (:func:`ece_noise_bound`).
+    """
+    _check_num_bins(num_bins)
+    c = _check_confidences(confidences)
+    if (isinstance(num_simulations, bool) or not isinstance(num_simulations, int)
+            or num_simulations < 2):
+        raise ValueError(f"num_simulations must be an int >= 2, got {num_simulations!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = c.numel()
+    _, index = _calibration_bins(c, num_bins)
+    expected_correct = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, c)
+    device = generator.device if generator is not None else torch.device("cpu")
+    # float64 is not available on every accelerator; float32 uniforms move P(z = 1) by < 1e-7
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    threshold = c.to(device, dtype)
+    chunk = max(1, 2**21 // n)  # at most ~2M draws at a time
+    samples = []
+    for start in range(0, num_simulations, chunk):
+        rows = min(chunk, num_simulations - start)
+        u = torch.rand((rows, n), generator=generator, device=device, dtype=dtype)
+        correct = (u < threshold).cpu().to(torch.float64)  # (rows, N)
+        per_bin = torch.zeros(rows, num_bins, dtype=torch.float64).index_add_(1, index, correct)
+        samples.append((per_bin - expected_correct).abs().sum(1) / n)
+    ece = torch.cat(samples)
+    return ECENoiseFloor(ece.mean().item(), torch.quantile(ece, level).item(), float(level),
+                         calibrated_ece_expectation(c, num_bins), ece_noise_bound(n, num_bins),
+                         ece)
 
 
 # --------------------------------------------------------------------------------------
@@ -280,6 +471,60 @@ def oracle_aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     num_correct = int((p.argmax(-1) == y).sum())
     k = torch.arange(num_correct + 1, n + 1, dtype=torch.float64)
     return ((k - num_correct) / k).sum().item() / n
+
+
+def excess_aurc(probs: torch.Tensor, labels: torch.Tensor,
+                uncertainty: torch.Tensor | None = None) -> float:
+    r"""Excess AURC (E-AURC, Geifman et al., 2019): the AURC minus the oracle AURC.
+
+    :math:`\mathrm{E\text{-}AURC} = \mathrm{AURC}(u) - \mathrm{AURC}^*`, with
+    :math:`\mathrm{AURC}(u)` the mean risk of :func:`selective_prediction` when the inputs
+    are rejected by ``uncertainty`` and :math:`\mathrm{AURC}^*` (:func:`oracle_aurc`) that
+    of the ideal ranking at the same error rate. The AURC mixes two things, how many
+    predictions are wrong and how well the uncertainty ranks them; E-AURC keeps only the
+    second, so methods of different accuracy can be compared on their ranking. 0 for a
+    perfect ranking, :math:`\ge 0` always.
+
+    Parameters
+    ----------
+    probs, labels:
+        ``(N, K)`` probabilities and ``(N,)`` labels.
+    uncertainty:
+        ``(N,)``, higher = less sure; default :math:`1 - \max_k p_{nk}` (the softmax
+        response of Geifman et al.).
+    """
+    p, _ = _check_labelled(probs, labels)
+    if uncertainty is None:
+        uncertainty = 1 - p.max(-1).values
+    return selective_prediction(probs, labels, uncertainty).aurc - oracle_aurc(probs, labels)
+
+
+def misclassification_auroc(probs: torch.Tensor, labels: torch.Tensor,
+                            uncertainty: torch.Tensor) -> float:
+    r"""AUROC of ``uncertainty`` separating wrong predictions (positives) from right ones.
+
+    The probability that a randomly chosen wrong prediction is more uncertain than a
+    randomly chosen right one (ties count one half), :func:`auroc` with
+    :math:`[\arg\max_k p_{nk} \ne y_n]` as the positive class. 0.5: the uncertainty says
+    nothing about errors; 1: every error is more uncertain than every right prediction.
+    Unlike the AURC it does not depend on the error rate.
+
+    Parameters
+    ----------
+    probs, labels:
+        ``(N, K)`` probabilities and ``(N,)`` labels, with at least one right and one
+        wrong prediction (``ValueError`` otherwise).
+    uncertainty:
+        ``(N,)``, higher = less sure (e.g. predictive entropy).
+    """
+    p, y = _check_labelled(probs, labels)
+    u = _check_scores(uncertainty, "uncertainty", p.shape[0])
+    wrong = (p.argmax(-1) != y).cpu()
+    num_wrong = int(wrong.sum())
+    if num_wrong in (0, wrong.numel()):
+        raise ValueError(f"the misclassification AUROC needs right and wrong predictions, got "
+                         f"{num_wrong} wrong of {wrong.numel()}")
+    return auroc(u, wrong)
 
 
 # --------------------------------------------------------------------------------------

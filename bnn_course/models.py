@@ -31,6 +31,8 @@ from bnn_course.layers import (
     BayesianDenseFlipout,
     BayesianLayer,
     bayesian_layers,
+    draw_flipout_noise,
+    summed_kl_divergence,
 )
 
 LayerFactory = Callable[[int, int], nn.Module]
@@ -224,11 +226,23 @@ class BayesianCNN(CNNStack):
             channels=channels, hidden_features=hidden_features)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """Log-probabilities (B, num_classes); ``sample=False`` uses the posterior means."""
+        """Log-probabilities (B, num_classes); ``sample=False`` uses the posterior means.
+
+        A sampled pass draws the randomness of all its layers at once
+        (:func:`~bnn_course.layers.draw_flipout_noise`: one ``randn`` for the perturbations,
+        one ``randint`` for the signs) and hands each layer its share; every example still
+        sees its own weight sample in every layer.
+        """
         self.check_input(x)
+        layers = self.layers()
+        noises = (draw_flipout_noise(layers, x.shape[0], like=x) if sample
+                  else [None] * len(layers))
+        noise_of = dict(zip(layers, noises, strict=True))
 
         def call(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            return stage(h, sample=sample) if isinstance(stage, BayesianLayer) else stage(h)
+            if isinstance(stage, BayesianLayer):
+                return stage(h, sample=sample, noise=noise_of[stage])
+            return stage(h)
 
         return self.run_stages(x, call)
 
@@ -237,9 +251,11 @@ class BayesianCNN(CNNStack):
         return bayesian_layers(self)
 
     def kl_divergence(self) -> torch.Tensor:
-        """Sum of the layers' closed-form KL divergences; a float32 scalar (float64 for a
-        float64 model)."""
-        return torch.stack([layer.kl_divergence() for layer in self.layers()]).sum()
+        """Sum of the layers' closed-form KL divergences, each to its layer's prior; a
+        float32 scalar (float64 for a float64 model). Computed for all layers at once
+        (:func:`~bnn_course.layers.summed_kl_divergence`), it equals
+        ``sum(layer.kl_divergence() for layer in self.layers())`` up to rounding."""
+        return summed_kl_divergence(self.layers())
 
 
 class DeterministicCNN(CNNStack):

@@ -14,7 +14,9 @@
   ``china.jpg``, a pagoda among trees above a lake, and ``flower.jpg``, a dahlia before
   blurred foliage), 32, 64, 96 or 128 pixels wide at random positions, shrunk to 32x32 by
   averaging blocks of 1x1 to 4x4 pixels (as CIFAR-10's images are shrunk photographs):
-  textures and scenes of none of CIFAR-10's classes;
+  textures and scenes of none of CIFAR-10's classes. The crops of one photograph overlap
+  and share its colours and textures: they are *not* independent images, and a bootstrap
+  over them must resample photographs, not crops (``groups`` of :func:`load_ood_sets`);
 * ``"uniform-noise"``, ``"gaussian-noise"``, ``"blobs"`` -- offline, synthetic, following
   the noise sets of Hendrycks et al. (2019, Outlier Exposure, ``test.py``): i.i.d. uniform
   pixels; i.i.d. Gaussian pixels :math:`N(0.5, 0.25^2)` clipped to [0, 1] (their
@@ -28,6 +30,10 @@ SVHN and CIFAR-100 are read from ``root``, else ``BNN_COURSE_DATA``, else
 ``cifar-100-python/``). They are downloaded only into that default folder, when missing and
 ``allow_download`` is true; a folder named explicitly must exist and is only read.
 A set that cannot be had is skipped with a printed reason; the offline sets are always there.
+
+Which items of a set belong together (the photograph each crop was cut from) is returned,
+on request, through ``load_ood_sets(..., groups={})``, for a bootstrap by group
+(:func:`bnn_course.comparison.resample_weights`).
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ NUM_PHOTO_CROPS = 2000
 
 PHOTO_CROP_SIZES: tuple[int, ...] = (32, 64, 96, 128)
 """Side lengths, in pixels, of the square windows cut from the photographs."""
+
+PHOTO_FILES: tuple[str, ...] = ("china.jpg", "flower.jpg")
+"""The photographs of :func:`sklearn_sample_photos`, in order: photograph ``i`` is
+``PHOTO_FILES[i]`` (the group label of its crops in :func:`load_ood_sets`)."""
 
 OOD_SET_NAMES: tuple[str, ...] = ("svhn", "cifar100", "sklearn-digits", "sklearn-photos",
                                   "uniform-noise", "gaussian-noise", "blobs")
@@ -246,6 +256,7 @@ _TORCHVISION_SETS = {
 def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = True,
                   max_images: int | None = None,
                   generator: torch.Generator | None = None,
+                  groups: dict[str, torch.Tensor] | None = None,
                   ) -> dict[str, tuple[torch.Tensor, str]]:
     """The out-of-distribution sets that can be had here, each with a description.
 
@@ -267,6 +278,15 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
     generator:
         Random numbers for the subsets, the crops and the synthetic sets; seed it for
         repeatable sets.
+    groups:
+        If a dict, it receives ``groups[name]``, ``int64 (n,)`` on the CPU, for every
+        returned set: items with the same value are not independent and must be resampled
+        together. For ``"sklearn-photos"`` the index of the photograph each crop comes from
+        (:data:`PHOTO_FILES`: 0 = china.jpg, 1 = flower.jpg), so a bootstrap over that set
+        has two independent units, not ``n``; for every other set ``arange(n)`` (each
+        image its own group). Pass it to
+        :func:`bnn_course.comparison.resample_weights`. The sets themselves are the same
+        with or without it.
 
     Returns
     -------
@@ -276,6 +296,8 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
     """
     if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
         raise ValueError(f"max_images must be a positive int or None, got {max_images!r}")
+    if groups is not None and not isinstance(groups, dict):
+        raise ValueError(f"groups must be a dict to fill, or None, got {type(groups).__name__}")
     folder, explicit = resolve_data_root(root)
     # A folder the user named is read, never downloaded into: a mistyped path must not fill
     # up with 225 MB. Downloads go only into the default cache.
@@ -312,14 +334,23 @@ def load_ood_sets(root: str | os.PathLike | None = None, allow_download: bool = 
                      f"synthetic: smoothed Bernoulli blobs (Outlier Exposure), {n} images")
     # Drawn after the synthetic sets, so that these stay what they were for a given seed.
     n_photos = NUM_PHOTO_CROPS if max_images is None else min(max_images, NUM_PHOTO_CROPS)
+    crops, windows = photo_crops(sklearn_sample_photos(), n_photos, generator)
+    photo_of_crop = windows[:, 0]
+    per_photo = ", ".join(f"{int((photo_of_crop == i).sum())} from {file}"
+                          for i, file in enumerate(PHOTO_FILES))
     sets["sklearn-photos"] = (
-        sklearn_photos(n_photos, generator),
+        crops,
         f"natural images: crops of scikit-learn's two sample photographs (china.jpg, a "
         f"pagoda, trees, lake and sky; flower.jpg, a dahlia before blurred foliage), "
         f"{'/'.join(map(str, PHOTO_CROP_SIZES))}-pixel windows at random positions, "
-        f"area-averaged to 32x32, {n_photos} images")
+        f"area-averaged to 32x32, {n_photos} images ({per_photo}; crops of one photograph "
+        f"are not independent)")
 
     sets = {name: sets[name] for name in OOD_SET_NAMES if name in sets}
+    if groups is not None:
+        for name, (images, _) in sets.items():
+            groups[name] = (photo_of_crop.clone() if name == "sklearn-photos"
+                            else torch.arange(images.shape[0]))
     used = ", ".join(f"{name} ({images.shape[0]})" for name, (images, _) in sets.items())
     _say(f"OOD sets used: {used}")
     for name, reason in skipped.items():

@@ -12,7 +12,8 @@
 * **comparing configurations** (:func:`config_differences`) for resuming and reusing;
 * **the identity of the data** (:func:`data_identity`, :func:`identity_differences`): the
   source, the sizes and a digest of the training and the test set;
-* **provenance** (:func:`provenance`, with the git commit and whether the tree was dirty);
+* **provenance** (:func:`provenance`, with the git commit of the project's own repository
+  and whether the tree was dirty);
 * **the precision policy** (:func:`autocast_dtype`, :func:`fast_matmul`).
 """
 
@@ -214,9 +215,11 @@ def provenance(device: torch.device | str, *, smoke: bool, data_source: str,
     ``device`` is a device (described by :func:`~bnn_course.provenance.device_description`)
     or already its description.
 
-    ``git_commit`` is the commit of the package's repository (``None`` outside one) and
-    ``git_dirty`` whether its tracked files had uncommitted changes (``None`` if unknown).
-    ``extra`` entries are added as they are.
+    ``git_commit`` is the commit of the project's own repository and ``git_dirty`` whether
+    its tracked files had uncommitted changes; both are ``None`` when the package is not in
+    a project folder that is the top level of a git repository (an installed package, or a
+    copy inside another repository), and ``git_note`` says which
+    (:func:`~bnn_course.provenance.git_state`). ``extra`` entries are added as they are.
     """
     return {
         "mode": "smoke" if smoke else "full",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +35,11 @@ HAS_BAYESIAN_TORCH = throughput.bayesian_torch_version() is not None
 needs_bayesian_torch = pytest.mark.skipif(
     not HAS_BAYESIAN_TORCH,
     reason="optional package bayesian-torch not installed (pip install 'bnn-course[bench]')")
+
+PINNED_TORCH = re.search(r"^torch==(\S+)$", (Path(__file__).resolve().parents[1]
+                                                / "requirements.txt").read_text(),
+                         flags=re.MULTILINE).group(1)
+"""The torch version of requirements.txt, for which the operator count's target is stated."""
 
 TINY = ["--device", "cpu", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--windows", "2", "--channels", "4,8", "--hidden-features", "16", "--samples", "3",
@@ -107,6 +114,7 @@ def test_main_prints_the_table_and_saves_consistent_results(tmp_path, capsys) ->
         assert ours_over_bt["value"] is None and ours_over_bt["met"] is None
         assert "not installed" in printed
 
+    assert document["op_counts"] is None  # counted only with --count-ops
     assert document["threads"] == 1 and document["batch_size"] == 8
     assert document["precision"] == "fp32" and document["device_type"] == "cpu"
     assert document["command"].endswith(" ".join([*TINY, "--threads", "1", "--json",
@@ -302,7 +310,8 @@ def test_markdown_table_from_saved_results(tmp_path, capsys) -> None:
     assert any(line.startswith("| training: bayesian-torch") and "–" in line for line in lines)
     ratio = documents[0]["ratios"]["ours_over_deterministic"]
     row = next(line for line in lines if line.startswith("| ours / deterministic"))
-    assert f"{ratio['value']:.2f}x {'✓' if ratio['met'] else '✗'}" in row
+    assert (f"{ratio['value']:.2f}x (target {ratio['target']}x) "
+            f"{'✓' if ratio['met'] else '✗'}") in row
     assert "S = 3" in table and documents[0]["command"] in table
 
 
@@ -328,3 +337,53 @@ def test_training_step_minimises_the_negative_elbo() -> None:
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="one label per example"):
         training_step(model, optimizer, x, y[:5], num_train=1000)
+
+
+def test_a_training_step_of_the_book_network_takes_few_operators() -> None:
+    """The device-free measure of the launch overhead: aten operators per training step
+    of the BayesianCNN at the book's shape, at most 380 top-level (a third of the 1,140
+    before) with the pinned torch, and at most 3x the deterministic twin's with any."""
+    counts = throughput.count_training_ops(["bayesian", "deterministic"])  # the book's shape
+    ours, twin = counts["models"]["bayesian"], counts["models"]["deterministic"]
+    assert counts["batch_size"] == 256 and counts["channels"] == [32, 64, 128]
+    assert counts["hidden_features"] == 256 and counts["device"] == "cpu"
+    assert ours["all"] > ours["top_level"] > twin["top_level"] > 0
+    ratio = counts["ours_over_deterministic_top_level"]
+    assert ratio == pytest.approx(ours["top_level"] / twin["top_level"])
+    assert ratio <= 3.0, counts
+    if torch.__version__.split("+")[0] == PINNED_TORCH:
+        assert ours["top_level"] <= throughput.OP_COUNT_TARGET == 380, counts
+        assert counts["ours_top_level_met"] is True
+
+
+def test_count_ops_goes_into_the_report_and_the_json(tmp_path, capsys) -> None:
+    path = tmp_path / "counts.json"
+    document = main([*TINY, "--models", "bayesian", "deterministic", "--no-engine",
+                     "--samples", "0", "--count-ops", "--json", str(path)])
+    printed = capsys.readouterr().out
+    counts = document["op_counts"]
+    assert set(counts["models"]) == {"bayesian", "deterministic"}
+    assert counts["batch_size"] == 8 and counts["channels"] == [4, 8]
+    assert counts["ours_top_level_met"] is None  # the target is stated for the book's shape
+    ours = counts["models"]["bayesian"]["top_level"]
+    assert counts["ours_over_deterministic_top_level"] == pytest.approx(
+        ours / counts["models"]["deterministic"]["top_level"])
+    assert "aten operators per training step" in printed and "top-level" in printed
+    assert f"{ours:.0f}" in printed
+    assert json.loads(path.read_text())["op_counts"] == json.loads(json.dumps(counts))
+    table = main(["--markdown", str(path)])["markdown"]
+    row = next(line for line in table.splitlines()
+               if line.startswith("| aten ops per training step, top-level (all): BayesianCNN"))
+    assert f"| {ours:.0f} ({counts['models']['bayesian']['all']:.0f}) |" in row
+    with pytest.raises(ValueError, match="steps"):
+        throughput.count_step_ops(DeterministicCNN(channels=(4,), hidden_features=8), steps=0)
+
+
+def test_the_targets_depend_on_the_device() -> None:
+    from benchmarks.throughput import TARGETS_BY_DEVICE, _judge
+
+    assert TARGETS_BY_DEVICE["cpu"]["ours_over_deterministic"] == (">=", 0.5)
+    assert TARGETS_BY_DEVICE["cuda"]["ours_over_bayesian_torch"] == (">=", 3.0)
+    assert _judge("ours_over_deterministic", 0.55, "cpu")["met"] is True
+    assert _judge("ours_over_deterministic", 0.55, "cuda")["met"] is False
+    assert _judge("prediction_per_sample_over_twin", None, "cuda")["met"] is None

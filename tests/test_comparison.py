@@ -8,13 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from bnn_course.chapter_runs import training_config, uncertainty_configs
 from bnn_course.comparison import (
+    COMPARED,
+    ECE_FLOOR_SIMULATIONS,
     METHODS,
+    POSTERIOR_MEAN,
     choose_dropout,
+    compared_models,
     comparison_rows,
     config_differences,
     corruption_seed,
@@ -25,10 +31,12 @@ from bnn_course.comparison import (
     iterate_corrupted,
     main,
     method_configs,
+    metric_direction,
     ood_aurocs,
     paired_difference,
     resample_weights,
     sample_probs_for,
+    seed_difference,
     summary_metrics,
     train_methods,
     validation_split,
@@ -36,12 +44,22 @@ from bnn_course.comparison import (
     weighted_auroc,
     weighted_ece,
 )
-from bnn_course.data import stratified_subset, synthetic_cifar10
-from bnn_course.metrics import OOD_SCORES, auroc, expected_calibration_error, ood_scores
+from bnn_course.data import normalize, stratified_subset, synthetic_cifar10
+from bnn_course.metrics import (
+    OOD_SCORES,
+    auroc,
+    calibrated_ece_expectation,
+    ece_noise_floor,
+    excess_aurc,
+    expected_calibration_error,
+    misclassification_auroc,
+    ood_scores,
+    selective_prediction,
+)
 from bnn_course.models import BayesianCNN, DeterministicCNN
 from bnn_course.ood import uniform_noise
-from bnn_course.train import TrainConfig, train
-from bnn_course.uncertainty import mutual_information
+from bnn_course.train import TrainConfig, load_checkpoint, train, validation_set
+from bnn_course.uncertainty import decompose_uncertainty, mutual_information
 
 TINY = {"channels": (4, 8), "hidden_features": 16, "batch_size": 40, "device": "cpu",
         "progress": False, "epoch_eval_samples": 0, "eval_samples": 0, "epochs": 1}
@@ -162,13 +180,14 @@ def test_rows_have_every_key_and_an_ensemble_of_copies_is_one_network(networks,
                             corruptions, severities=(1, 2, 3, 4, 5), num_samples=3,
                             corruption_samples=2, seed=0)
     assert [row["method"] for row in rows] == list(METHODS)
-    expected = {"method", "num_samples", "accuracy", "nll", "ece", "brier", "entropy",
-                "mutual_information"}
+    summary = ("accuracy", "nll", "ece", "ece_floor", "ece_floor_95", "brier", "aurc",
+               "excess_aurc", "misclassification_auroc", "entropy", "mutual_information")
+    expected = {"method", "num_samples", *summary}
     expected |= {f"auroc/{name}/{score}" for name in ood for score in OOD_SCORES}
     expected |= {f"corruption/{name}/{s}/{metric}" for name in corruptions for s in range(1, 6)
-                 for metric in ("accuracy", "nll", "ece", "brier", "entropy",
-                                "mutual_information")}
-    expected |= {f"severity/{s}/{metric}" for s in range(1, 6) for metric in ("accuracy", "ece")}
+                 for metric in summary}
+    expected |= {f"severity/{s}/{metric}" for s in range(1, 6)
+                 for metric in ("accuracy", "ece", "ece_floor")}
     for row in rows:
         assert set(row) == expected
     by_method = {row["method"]: row for row in rows}
@@ -189,6 +208,21 @@ def test_rows_have_every_key_and_an_ensemble_of_copies_is_one_network(networks,
     for key, value in single.items():
         if key in ("method", "num_samples") or "mutual_information" in key:
             continue
+        if "misclassification_auroc" in key and math.isnan(value):
+            assert math.isnan(ensemble[key]), key
+            continue
+        if key in ("aurc", "excess_aurc", "misclassification_auroc"):
+            # ranked by the entropy: a near-tied pair (within 1e-6) may swap, moving the
+            # AUROC by 1 / (wrong x right) and the AURC by at most (1 + log N) / N
+            entropy = decompose_uncertainty(member_test).total.double()
+            near = int((((entropy[:, None] - entropy[None, :]).abs() < 1e-6).sum().item()
+                        - entropy.numel()) // 2)
+            n = entropy.numel()
+            wrong = int((member_test.mean(0).argmax(-1) != tiny_data.test_labels).sum())
+            pairs = max(1, wrong * (n - wrong))
+            step = 1 / pairs if key == "misclassification_auroc" else (1 + math.log(n)) / n
+            assert ensemble[key] == pytest.approx(value, abs=1e-6 + near * step), key
+            continue
         tolerance = 1e-6
         if key.startswith("auroc/"):
             _, name, score = key.split("/")
@@ -201,13 +235,18 @@ def test_rows_have_every_key_and_an_ensemble_of_copies_is_one_network(networks,
     assert ensemble["mutual_information"] < 1e-6
     # the severity columns are the means over the corruptions
     for s in range(1, 6):
-        mean = sum(single[f"corruption/{n}/{s}/accuracy"] for n in corruptions) / 2
-        assert single[f"severity/{s}/accuracy"] == pytest.approx(mean)
+        for metric in ("accuracy", "ece_floor"):
+            mean = sum(single[f"corruption/{n}/{s}/{metric}"] for n in corruptions) / 2
+            assert single[f"severity/{s}/{metric}"] == pytest.approx(mean)
     table = format_table(rows, caption="test caption")
     lines = table.splitlines()
     assert lines[0] == "test caption"
     assert all(method in lines[1] for method in METHODS)
-    assert sum(line.startswith("severity/") for line in lines) == 10
+    assert sum(line.startswith("severity/") for line in lines) == 15
+    # the ECE is shown with its floor, and the floor is never marked best
+    keys = [line.split()[0] for line in lines[3:]]
+    assert keys[keys.index("ece") + 1] == "ece_floor"
+    assert "*" not in next(line for line in lines if line.startswith("ece_floor "))
     assert "n/a" in next(line for line in lines if "mutual_information" in line)
 
 
@@ -429,6 +468,146 @@ def test_verdict_words() -> None:
     assert verdict(math.nan, 0.1, +1) == "not measured"
     with pytest.raises(ValueError):
         verdict(0.1, 0.1, 0)
+    with pytest.raises(ValueError, match="noise_floor"):
+        verdict(0.1, 0.01, 1, noise_floor=-0.1)
+
+
+def test_verdict_prints_enough_digits_not_to_contradict_itself() -> None:
+    # Chapter 8 printed "no difference beyond 2 paired SE (-0.007 +- 0.003)": the decision
+    # (0.00654 <= 2 x 0.00329) was right, the rounded numbers said otherwise.
+    assert verdict(-0.00654, 0.00329, -1) == ("no difference beyond 2 paired standard "
+                                              "errors (-0.0065 +- 0.0033)")
+    assert verdict(-0.00649, 0.0032, -1) == "better by 0.0065 +- 0.0032"  # not 0.006, 0.003
+    assert verdict(0.02, 1e-5, 1) == "better by 0.02000 +- 0.00001"  # a nonzero SE shows
+
+
+def _printed(words: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[+-]?\d+\.\d+", words)]
+
+
+def test_verdict_wording_agrees_with_its_printed_numbers() -> None:
+    # Random differences, standard errors and floors near the decision boundaries: the
+    # numbers as printed must lead a reader to the verdict taken on the unrounded ones.
+    generator = torch.Generator().manual_seed(10)
+    for _ in range(3000):
+        se = 10 ** (-4 * torch.rand(1, generator=generator).item() - 1)
+        difference = (2 * se * (1 + 0.02 * torch.randn(1, generator=generator).item())
+                      * (1 if torch.rand(1, generator=generator).item() < 0.5 else -1))
+        floor = abs(difference) * (1 + 0.02 * torch.randn(1, generator=generator).item())
+        direction = 1 if torch.rand(1, generator=generator).item() < 0.5 else -1
+        words = verdict(difference, se, direction, noise_floor=floor)
+        assert not re.search(r"\b(equal|same|tie)\b", words), words
+        if words.startswith("no difference"):
+            d, s = _printed(words)
+            assert abs(d) <= 2 * s + 1e-12 and abs(difference) <= 2 * se, words
+        elif words.startswith("below the noise floor"):
+            f, d, s = _printed(words)
+            assert 2 * s < abs(d) <= f + 1e-12, words
+            assert 2 * se < abs(difference) <= floor, words
+        else:
+            d, s, f = _printed(words)
+            assert d > 2 * s and d > f and abs(difference) > max(2 * se, floor), words
+            better = difference * direction > 0
+            assert words.startswith("better" if better else "worse"), words
+
+
+def test_verdict_below_the_noise_floor() -> None:
+    # chapter 8's ECE under shift on 500 images: beyond 2 SE, but below the floor
+    assert verdict(0.022, 0.008, -1, noise_floor=0.0433) == (
+        "below the noise floor of 0.043 (+0.022 +- 0.008)")
+    assert verdict(0.1, 0.008, -1, noise_floor=0.0433) == (
+        "worse by 0.100 +- 0.008 (noise floor 0.043)")
+    # within 2 SE is said first, whatever the floor
+    assert verdict(0.01, 0.008, -1, noise_floor=0.0433).startswith("no difference beyond 2")
+    assert verdict(0.0433, 0.008, -1, noise_floor=0.04334).startswith("below the noise floor")
+
+
+def test_summary_metrics_add_the_ece_floor_and_the_selective_prediction_metrics() -> None:
+    generator = torch.Generator().manual_seed(4)
+    probs = torch.softmax(2 * torch.randn(3, 400, 10, generator=generator), -1)
+    labels = torch.randint(10, (400,), generator=generator)
+    labels[:150] = probs.mean(0)[:150].argmax(-1)  # some right, most of the rest wrong
+    metrics = summary_metrics(probs, labels)
+    p = probs.mean(0)
+    confidence = p.max(-1).values
+    entropy = decompose_uncertainty(probs).total
+    assert metrics["ece_floor"] == pytest.approx(calibrated_ece_expectation(confidence),
+                                                 rel=1e-12)
+    floor = ece_noise_floor(confidence, 15, ECE_FLOOR_SIMULATIONS, 0.95,
+                            torch.Generator().manual_seed(0))
+    assert metrics["ece_floor_95"] == floor.upper > metrics["ece_floor"]
+    assert metrics["aurc"] == pytest.approx(selective_prediction(p, labels, entropy).aurc)
+    assert metrics["excess_aurc"] == pytest.approx(excess_aurc(p, labels, entropy))
+    assert metrics["misclassification_auroc"] == pytest.approx(
+        misclassification_auroc(p, labels, entropy))
+    assert summary_metrics(probs, labels) == metrics  # the floor's simulation is seeded
+    # every prediction right: no misclassification AUROC, and no excess AURC
+    all_right = summary_metrics(probs, p.argmax(-1))
+    assert math.isnan(all_right["misclassification_auroc"])
+    assert all_right["aurc"] == all_right["excess_aurc"] == 0.0
+    # directions: the floor is not a property of the method
+    assert metric_direction("excess_aurc") == metric_direction("aurc") == -1
+    assert metric_direction("misclassification_auroc") == 1
+    assert metric_direction("ece_floor") == metric_direction("severity/5/ece_floor") == 0
+
+
+def test_grouped_resampling_with_one_item_per_group_is_the_plain_bootstrap() -> None:
+    plain = resample_weights(50, 30, torch.Generator().manual_seed(5))
+    grouped = resample_weights(50, 30, torch.Generator().manual_seed(5),
+                               groups=torch.arange(50))
+    assert torch.equal(plain, grouped)
+    # any labels, in any order: the same distribution (each row a multinomial(50, 1/50))
+    shuffled = resample_weights(50, 4000, torch.Generator().manual_seed(6),
+                                groups=torch.randperm(50) * 7 - 3)
+    assert torch.equal(shuffled.sum(1), torch.full((4000,), 50.0, dtype=torch.float64))
+    # a multiplicity is binomial(50, 1/50): mean 1, variance 0.98; 4000 x 50 of them
+    assert shuffled.mean().item() == pytest.approx(1.0, abs=4 * math.sqrt(0.98 / 200_000))
+    assert shuffled.var().item() == pytest.approx(0.98, rel=0.03)
+
+
+def test_grouped_resampling_keeps_groups_together() -> None:
+    # 12 groups of sizes 1..12 (78 items), labels scattered
+    sizes = torch.arange(1, 13)
+    groups = torch.repeat_interleave(torch.arange(12) * 10 + 100, sizes)
+    groups = groups[torch.randperm(78, generator=torch.Generator().manual_seed(7))]
+    resamples = 4000
+    weights = resample_weights(78, resamples, torch.Generator().manual_seed(8), groups=groups)
+    assert weights.shape == (resamples, 78) and weights.dtype == torch.float64
+    for label in groups.unique():
+        members = weights[:, groups == label]
+        assert torch.equal(members, members[:, :1].expand_as(members))  # one multiplicity
+    counts = torch.stack([weights[:, groups == label][:, 0] for label in groups.unique()], 1)
+    assert torch.equal(counts.sum(1), torch.full((resamples,), 12.0, dtype=torch.float64))
+    # a row's total is the sum of 12 draws of a uniformly chosen group's size: mean 78
+    # (= N) and variance 12 * var(1..12) = 12 * 143 / 12 = 143
+    totals = weights.sum(1)
+    assert totals.mean().item() == pytest.approx(78, abs=4 * math.sqrt(143 / resamples))
+    assert totals.var().item() == pytest.approx(143, rel=0.1)
+    assert not torch.equal(totals, torch.full_like(totals, 78.0))
+    with pytest.raises(ValueError, match="shape"):
+        resample_weights(78, 2, groups=groups[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        resample_weights(78, 2, groups=groups.double())
+
+
+def test_grouped_bootstrap_standard_error_is_that_of_the_group_means() -> None:
+    # 40 groups of 5 items sharing a group effect: the items are far from independent.
+    # For equal sizes the resampled mean is the mean of 40 group means drawn with
+    # replacement, so its bootstrap SD is sd(group means, divisor G) / sqrt(G); the
+    # item-level bootstrap would claim sd(items) / sqrt(N), much smaller here.
+    generator = torch.Generator().manual_seed(9)
+    effect = torch.randn(40, generator=generator, dtype=torch.float64)
+    values = effect.repeat_interleave(5) + 0.1 * torch.randn(200, generator=generator,
+                                                             dtype=torch.float64)
+    groups = torch.arange(40).repeat_interleave(5)
+    weights = resample_weights(200, 800, generator, groups=groups)
+    replicas = (weights @ values) / weights.sum(1)
+    group_means = values.view(40, 5).mean(1)
+    expected = group_means.std(unbiased=False).item() / math.sqrt(40)
+    # the SD of 800 replicas: relative error ~ 1/sqrt(1600) = 2.5 %; 4 of them
+    assert replicas.std().item() == pytest.approx(expected, rel=0.1)
+    naive = resample_weights(200, 800, generator)
+    assert ((naive @ values) / 200).std().item() < 0.6 * expected
 
 
 def test_cost_rows_count_the_networks_and_the_twin_inside_the_ensemble(tiny_data,
@@ -463,3 +642,109 @@ def test_evaluate_corruptions_can_keep_the_averaged_predictions(networks, tiny_d
     assert p.shape == (tiny_data.test_labels.shape[0], 10)
     assert shift["ensemble"]["corruption/contrast/5/accuracy"] == pytest.approx(
         (p.argmax(-1) == tiny_data.test_labels).double().mean().item())
+
+
+def test_posterior_mean_is_one_pass_of_the_bayesian_network_at_its_means(networks,
+                                                                         tiny_data) -> None:
+    images = tiny_data.test_images[:12]
+    bayesian = networks["bayesian"][0]
+    probs = sample_probs_for(POSTERIOR_MEAN, bayesian, images, num_samples=5)
+    assert probs.shape == (1, 12, 10)
+    with torch.no_grad():
+        expected = torch.softmax(bayesian(normalize(images), sample=False), -1)
+    assert torch.allclose(probs[0], expected, atol=1e-5)
+    sampled = sample_probs_for("bayesian", bayesian, images, 5)
+    assert not torch.allclose(sampled.mean(0), probs[0], atol=1e-4)  # sigma = e^-2 matters
+    with pytest.raises(ValueError, match="Bayesian layers"):
+        sample_probs_for(POSTERIOR_MEAN, networks["deterministic"], images, 1)
+    rows = compared_models(networks)
+    assert tuple(rows) == COMPARED and rows[POSTERIOR_MEAN] is networks["bayesian"]
+    assert all(rows[method] is networks[method] for method in METHODS)
+    with pytest.raises(ValueError, match="lacks"):
+        compared_models({"bayesian": networks["bayesian"]})
+
+
+def test_seed_difference_is_the_mean_and_standard_error_over_seeds() -> None:
+    a, b = [0.71, 0.69, 0.74], [0.70, 0.66, 0.70]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)  # n - 1 in the denominator
+    assert seed_difference(a, b) == pytest.approx((mean, sd / math.sqrt(3)), rel=1e-12)
+    one = seed_difference([0.7], [0.6])
+    assert one[0] == pytest.approx(0.1) and math.isnan(one[1])
+    assert verdict(*one, direction=1) == "not measured"
+    with pytest.raises(ValueError, match="one value per seed"):
+        seed_difference([0.7, 0.8], [0.6])
+
+
+def test_train_methods_says_where_each_checkpoint_is(tiny_data, tmp_path) -> None:
+    base = TrainConfig(**TINY)
+    train(base, tiny_data, out_dir=tmp_path / "ch06", log=quiet)
+    reused_path = str(tmp_path / "ch06" / "checkpoint.pt")
+    trained = train_methods(tiny_data, base, ("bayesian", "deterministic", "ensemble"),
+                            ensemble_size=2, out_dir=tmp_path / "cmp", log=quiet,
+                            checkpoints={"bayesian": reused_path})
+    paths = trained.checkpoint_paths
+    assert paths["bayesian"] == reused_path
+    assert paths["deterministic"] == str(tmp_path / "cmp" / "deterministic" / "checkpoint.pt")
+    assert paths["ensemble-0"] == paths["deterministic"]  # the same network
+    for name, path in paths.items():
+        assert load_checkpoint(path)["config"]["seed"] == (1 if name == "ensemble-1" else 0)
+    unsaved = train_methods(tiny_data, base, ("deterministic",), log=quiet)
+    assert unsaved.checkpoint_paths == {}
+
+
+def test_a_sweep_of_the_full_budget_gives_the_final_mc_dropout_network(tmp_path) -> None:
+    data = synthetic_cifar10(train_per_class=12, test_per_class=2, seed=4)
+    base = TrainConfig(**{**TINY, "validation_size": 40})
+    torch.manual_seed(0)
+    sweep = choose_dropout(data, base, [(0.1, 0.0), (0.5, 0.3)], None, epochs=base.epochs,
+                           num_samples=3, out_dir=tmp_path / "sweep", log=quiet)
+    chosen = dataclasses.replace(base, dropout=sweep.chosen[0], conv_dropout=sweep.chosen[1])
+    saved = load_checkpoint(sweep.checkpoint)
+    assert (saved["config"]["dropout"], saved["config"]["conv_dropout"]) == sweep.chosen
+    assert saved["data_identity"]["train"]["size"] == 80  # 120 images, 40 held out
+    trained = train_methods(data, chosen, ("mc_dropout",), out_dir=tmp_path / "final",
+                            checkpoints={"mc_dropout": sweep.checkpoint}, log=quiet)
+    assert trained.origins["mc_dropout"].startswith(f"reused {sweep.checkpoint}")
+    model = trained.models["mc_dropout"][0]
+    assert all(torch.equal(value, saved["model"][key])
+               for key, value in model.state_dict().items())
+    # the held-out images of the sweep are the configuration's own validation images
+    held_images, held_labels = validation_set(base, data)
+    assert held_labels.shape == (40,)
+    probs = sample_probs_for("mc_dropout", model, held_images, 3)
+    assert probs.shape == (3, 40, 10)
+    assert "checkpoint" not in sweep.rows[0]
+
+
+@pytest.mark.parametrize("tier", ["gpu", "cpu", "smoke"])
+def test_chapter_8_reuses_chapter_6_and_its_seeds_share_no_network(tier) -> None:
+    from bnn_course.config import BUDGETS
+
+    configs = uncertainty_configs(tier)
+    budget = BUDGETS["uncertainty"][tier]
+    assert list(configs) == list(budget["seeds"])
+    first = configs[budget["seeds"][0]]
+    # chapter 6's BayesianCNN and twin are reusable: the same run up to evaluation settings
+    assert config_differences(dataclasses.asdict(training_config(tier)), first) == []
+    twin = dataclasses.replace(training_config(tier), model="deterministic")
+    assert config_differences(dataclasses.asdict(twin),
+                              dataclasses.replace(first, model="deterministic")) == []
+    assert first.validation_size == BUDGETS["training"][tier]["validation_size"] > 0
+    seeds = [config.seed for base in configs.values()
+             for method, _, config in method_configs(base, METHODS, budget["ensemble_size"])
+             if method == "ensemble"]
+    assert len(seeds) == len(set(seeds)) == len(configs) * budget["ensemble_size"]
+
+
+def test_uncertainty_configs_refuse_seeds_whose_ensembles_overlap() -> None:
+    from types import SimpleNamespace
+
+    from bnn_course.config import BUDGETS
+
+    budget = dict(BUDGETS["uncertainty"]["smoke"])
+    with pytest.raises(ValueError, match="closer than ensemble_size"):
+        uncertainty_configs(SimpleNamespace(**{**budget, "seeds": (0, 1)}))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        uncertainty_configs(SimpleNamespace(**{**budget, "seeds": ()}))

@@ -276,6 +276,50 @@ def test_cache_is_rebuilt_when_the_tree_changes(tmp_path) -> None:
     assert torch.bincount(again.train_labels).tolist() == [2, 2, 2, 3, 2, 2, 2, 2, 2, 2]
 
 
+@pytest.mark.parametrize("same_size", [False, True])
+def test_an_image_rewritten_in_place_is_decoded_again(tmp_path, monkeypatch,
+                                                      same_size) -> None:
+    # Regression: the cache was keyed by the file names only and served the old pixels.
+    tree = tmp_path / "tree"
+    write_image_tree(tree, per_class=2, jpeg_every=None)
+    image = tree / "train" / "cat" / "0001.png"  # index 3 * 2 + 1 of the training set
+    old_pixels = np.array(Image.open(image))
+    # compress_level=0 stores the pixels uncompressed: every 32x32 RGB PNG has one size.
+    level = 0 if same_size else 6
+    Image.fromarray(old_pixels).save(image, compress_level=level)
+    decoded: list[int] = []
+    decode = data._decode
+
+    def counting_decode(paths):
+        decoded.append(len(paths))
+        return decode(paths)
+
+    monkeypatch.setattr(data, "_decode", counting_decode)
+    first = load_cifar10(tree, smoke=False)
+    assert decoded == [20, 20]
+    assert torch.equal(first.train_images[7], torch.from_numpy(old_pixels).permute(2, 0, 1))
+
+    before = os.stat(image)
+    new_pixels = (255 - old_pixels) if same_size else np.zeros_like(old_pixels)
+    Image.fromarray(new_pixels).save(image, compress_level=level)
+    if same_size:  # only the modification time tells; make it differ on any file system
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    after = os.stat(image)
+    assert (after.st_size == before.st_size) == same_size
+    assert after.st_mtime_ns != before.st_mtime_ns or not same_size
+
+    second = load_cifar10(tree, smoke=False)
+    assert decoded == [20, 20, 20]  # the training split again, the test split from its cache
+    assert torch.equal(second.train_images[7], torch.from_numpy(new_pixels).permute(2, 0, 1))
+    unchanged = [i for i in range(20) if i != 7]
+    assert torch.equal(second.train_images[unchanged], first.train_images[unchanged])
+    assert torch.equal(second.test_images, first.test_images)
+
+    third = load_cifar10(tree, smoke=False)  # untouched since: served from the cache
+    assert decoded == [20, 20, 20]
+    assert torch.equal(third.train_images, second.train_images)
+
+
 def test_read_only_tree_caches_under_home(tmp_path, monkeypatch, capsys) -> None:
     tree = tmp_path / "readonly-tree"
     write_image_tree(tree, per_class=2)

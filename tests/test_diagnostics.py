@@ -11,6 +11,10 @@
 * The KL gradient has a closed form (``c mu / s^2`` and ``c (sigma^2 / s^2 - 1)`` per weight),
   checked to float32 precision; with ``sample=False`` the NLL cannot depend on the sigmas,
   and with every mean zero the softmax is uniform, so the NLL gradient is known too.
+* Adam's bound on the movement of a log sigma is the sum of the scheduled learning rates
+  (closed forms for the constant and the cosine schedule); torch's own Adam reaches it with
+  a gradient of constant sign, and with random signs moves about ``sqrt(T)`` steps' worth in
+  ``T`` steps (a random walk), so its share of the bound is ``O(1/sqrt(T))``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from bnn_course.data import synthetic_cifar10
 from bnn_course.diagnostics import (
     activation_scales,
+    adam_log_sigma_bound,
     break_even_log_sigma_shift,
     early_warning_signs,
     gradient_norms,
@@ -33,12 +38,13 @@ from bnn_course.diagnostics import (
     objective_at_prior,
     plot_loss_decomposition,
     prediction_collapse,
+    sigma_movement,
     sigma_summary,
 )
 from bnn_course.layers import BayesianDenseFlipout
 from bnn_course.models import BayesianCNN
 from bnn_course.posterior import gaussian_kl_divergence
-from bnn_course.train import TrainConfig, train
+from bnn_course.train import TrainConfig, learning_rate, train
 from bnn_course.weight_noise import signal_to_noise_by_layer
 
 
@@ -574,3 +580,118 @@ def test_early_warning_signs_reject_bad_input() -> None:
         early_warning_signs([{"epoch": 1, "nll": 1.0}])
     with pytest.raises(ValueError, match="prior_sigma"):
         early_warning_signs(HEALTHY, prior_sigma=0.0)
+
+
+# ---------------------------------------------------------------------- Adam's bound
+
+
+@pytest.mark.parametrize("schedule, sigma_lr_factor", [("constant", 1.0), ("cosine", 1.0),
+                                                       ("cosine", 10.0)])
+def test_adam_bound_has_its_closed_form(schedule: str, sigma_lr_factor: float) -> None:
+    config = TrainConfig(epochs=3, lr=2e-3, schedule=schedule, sigma_lr_factor=sigma_lr_factor)
+    total = 3 * 7
+    # sum_{t<T} cos(pi t / T) = 1, so the cosine schedule sums to lr (T + 1) / 2
+    expected = 2e-3 * total if schedule == "constant" else 2e-3 * (total + 1) / 2
+    assert adam_log_sigma_bound(config, 7) == pytest.approx(sigma_lr_factor * expected,
+                                                            rel=1e-12)
+    assert adam_log_sigma_bound(config, 7, steps=0) == 0.0
+    first_epoch = sum(learning_rate(config, t, total) for t in range(7))
+    assert adam_log_sigma_bound(config, 7, steps=7) == pytest.approx(
+        sigma_lr_factor * first_epoch, rel=1e-12)
+
+
+def adam_walk(config: TrainConfig, steps_per_epoch: int, gradients: torch.Tensor) -> float:
+    """How far torch's Adam moves one scalar under ``gradients``, with the engine's schedule."""
+    parameter = nn.Parameter(torch.zeros((), dtype=torch.float64))
+    optimizer = torch.optim.Adam([parameter], lr=config.lr)
+    total = config.epochs * steps_per_epoch
+    for t, gradient in enumerate(gradients):
+        optimizer.param_groups[0]["lr"] = learning_rate(config, t, total) * config.sigma_lr_factor
+        parameter.grad = gradient.reshape(())
+        optimizer.step()
+    return parameter.item()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_adam_moves_at_its_bound_when_the_gradient_keeps_its_sign(schedule: str) -> None:
+    config = TrainConfig(epochs=4, schedule=schedule, sigma_lr_factor=3.0)
+    gradients = torch.full((4 * 50,), -0.37, dtype=torch.float64)  # any size, one sign
+    moved = adam_walk(config, 50, gradients)
+    # m / sqrt(v) = 1 exactly for a constant gradient; eps = 1e-8 against |g| = 0.37
+    assert moved == pytest.approx(adam_log_sigma_bound(config, 50), rel=1e-6)
+
+
+def test_adam_moves_a_small_share_of_its_bound_when_the_sign_is_random() -> None:
+    config = TrainConfig(epochs=10, schedule="constant")
+    steps = 10 * 200
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (steps,), generator=generator).double() * 2 - 1
+    share = adam_walk(config, 200, 5.0 * signs) / adam_log_sigma_bound(config, 200)
+    # Each gradient enters the sum of Adam's steps with a total weight of about 1, and
+    # sqrt(v) is about 5: the position is a random walk of T unit steps, of size sqrt(T).
+    # Five of those standard deviations, as a share of the bound T:
+    assert abs(share) < 5 / math.sqrt(steps)
+
+
+def movement_history(log_sigma_moves: list[list[float]], start: float,
+                     steps_per_epoch: int) -> list[dict]:
+    return [{"epoch": e + 1, "sigma": {name: math.exp(start + move)
+                                       for name, move in zip(("a", "b"), moves, strict=True)},
+             "steps": [{"step": (e + 1) * steps_per_epoch, "nll": 1.0, "kl": 1.0,
+                        "kl_term": 1.0}]}
+            for e, moves in enumerate(log_sigma_moves)]
+
+
+def test_sigma_movement_of_a_hand_made_history() -> None:
+    config = TrainConfig(epochs=3, lr=1e-3, schedule="constant", init_log_sigma=-5.0)
+    history = movement_history([[0.01, -0.002], [0.02, -0.001]], start=-5.0,
+                               steps_per_epoch=10)
+    movement = sigma_movement(history, config, steps_per_epoch=10)
+    assert movement["layers"] == ["a", "b"]
+    assert movement["epoch"].tolist() == [1, 2] and movement["step"].tolist() == [10, 20]
+    torch.testing.assert_close(movement["bound"], torch.tensor([0.01, 0.02],
+                                                               dtype=torch.float64))
+    torch.testing.assert_close(movement["moved"], torch.tensor(
+        [[0.01, -0.002], [0.02, -0.001]], dtype=torch.float64))
+    torch.testing.assert_close(movement["share"], torch.tensor(
+        [[1.0, -0.2], [1.0, -0.05]], dtype=torch.float64))
+    # another start, per layer
+    moved_from = sigma_movement(history, config, 10, initial_sigma={"a": math.exp(-5.01),
+                                                                    "b": math.exp(-5.0)})
+    torch.testing.assert_close(moved_from["moved"][:, 0],
+                               torch.tensor([0.02, 0.03], dtype=torch.float64))
+
+
+def test_sigma_movement_of_a_run_driven_by_the_kl_alone_is_at_the_bound() -> None:
+    # Unscaled KL at sigma = e^-5: the KL's gradient of every log sigma, about -1 per
+    # weight, outweighs the NLL's by orders of magnitude, so every step is Adam's largest.
+    data = synthetic_cifar10(train_per_class=12, test_per_class=2, seed=1)
+    config = TrainConfig(epochs=2, channels=(4, 8), hidden_features=16, batch_size=40,
+                         kl_scaling="unscaled", schedule="constant", lr=1e-3, device="cpu",
+                         progress=False, epoch_eval_samples=0, eval_samples=0, augment=False)
+    result = train(config, data, log=lambda _: None)
+    movement = sigma_movement(result.history, config, steps_per_epoch=3)  # 120 / 40
+    assert movement["bound"].tolist() == pytest.approx([0.003, 0.006], rel=1e-12)
+    assert movement["share"].min().item() > 0.99
+    assert movement["share"].max().item() < 1.0 + 1e-6
+
+
+def test_sigma_movement_rejects_bad_input() -> None:
+    config = TrainConfig(epochs=2, schedule="constant")
+    history = movement_history([[0.0, 0.0]], start=-5.0, steps_per_epoch=10)
+    with pytest.raises(ValueError, match="empty"):
+        sigma_movement([], config, 10)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        sigma_movement(history, config, 0)
+    with pytest.raises(ValueError, match="is steps_per_epoch wrong"):
+        sigma_movement(history, config, 12)
+    with pytest.raises(ValueError, match="non-empty 'sigma'"):
+        sigma_movement([{"epoch": 1, "sigma": {}}], config, 10)
+    with pytest.raises(ValueError, match="1, 2, ..., E"):
+        sigma_movement([{**history[0], "epoch": 2}], config, 10)
+    with pytest.raises(ValueError, match="lacks the layers"):
+        sigma_movement(history, config, 10, initial_sigma={"a": 1.0})
+    with pytest.raises(ValueError, match="positive"):
+        sigma_movement(history, config, 10, initial_sigma=0.0)
+    with pytest.raises(ValueError, match="steps must be"):
+        adam_log_sigma_bound(config, 10, steps=21)

@@ -123,3 +123,21 @@ def test_channels_last_prediction_equals_the_plain_layout() -> None:
         expected = torch.stack([model(x, sample=True) for _ in range(3)])
     torch.testing.assert_close(mean, expected_mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(samples, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mc_prediction_waits_for_no_device_value_and_draws_once_per_pass() -> None:
+    """No .item() or test of a tensor value in the prediction loop (each would be an
+    aten::_local_scalar_dense, a host sync on a GPU), and one randn and one randint per
+    sampled pass of the BayesianCNN (all layers' perturbations and signs at once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seed_everything(11)
+    model = BayesianCNN(channels=(4, 8), hidden_features=16)
+    images = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        mean, samples = predict_log_probs(model, images, 3, batch_size=16)
+    names = [event.name for event in profiler.events()]
+    assert "aten::_local_scalar_dense" not in names and "aten::item" not in names
+    passes = 3 * 2  # three samples of two batches
+    assert names.count("aten::randn") == passes and names.count("aten::randint") == passes
+    assert mean.shape == (30, 10) and samples.shape == (3, 30, 10)

@@ -5,6 +5,7 @@ Cross-checked against scikit-learn and torchmetrics on random data.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -26,8 +27,13 @@ from bnn_course.metrics import (
     auroc,
     average_precision,
     brier_score,
+    calibrated_ece_expectation,
+    ece_noise_bound,
+    ece_noise_floor,
+    excess_aurc,
     expected_calibration_error,
     fpr_at_tpr,
+    misclassification_auroc,
     negative_log_likelihood,
     ood_detection,
     ood_scores,
@@ -162,6 +168,117 @@ def test_ece_of_an_overconfident_predictor_matches_its_expected_value() -> None:
     assert (result.mean_confidence[filled] > result.accuracy[filled]).all()
 
 
+def _with_correctness(probs: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """Labels that make the arg-max of ``probs`` ``(N, K)`` right exactly where ``correct``."""
+    predicted = probs.argmax(-1)
+    return torch.where(correct, predicted, (predicted + 1) % probs.shape[1])
+
+
+def test_calibrated_ece_expectation_by_enumerating_every_outcome() -> None:
+    # Six predictions in three bins of 4: all 2^6 right/wrong patterns, each with its
+    # probability prod c^z (1 - c)^(1 - z), through expected_calibration_error itself.
+    confidence = torch.tensor([0.3, 0.55, 0.6, 0.7, 0.8, 0.95], dtype=torch.float64)
+    probs = torch.cat([confidence[:, None], ((1 - confidence) / 3)[:, None].expand(6, 3)], 1)
+    assert torch.equal(probs.max(-1).values, confidence)
+    expected = 0.0
+    for pattern in itertools.product([False, True], repeat=6):
+        correct = torch.tensor(pattern)
+        weight = torch.where(correct, confidence, 1 - confidence).prod().item()
+        labels = _with_correctness(probs, correct)
+        expected += weight * expected_calibration_error(probs, labels, num_bins=4).ece
+    assert calibrated_ece_expectation(confidence, num_bins=4) == pytest.approx(expected,
+                                                                               rel=1e-12)
+    # certain predictions are always right: no noise at all
+    assert calibrated_ece_expectation(torch.ones(7, dtype=torch.float64)) == 0.0
+
+
+def test_ece_noise_floor_simulation_agrees_with_the_exact_expectation_and_the_bound() -> None:
+    n, bins = 500, 15
+    probs, _ = _synthetic_confidences(n, seed=21)
+    confidence = probs.max(-1).values
+    floor = ece_noise_floor(confidence, bins, num_simulations=4000,
+                            generator=torch.Generator().manual_seed(0))
+    exact = calibrated_ece_expectation(confidence, bins)
+    assert floor.expected == exact and floor.level == 0.95
+    assert floor.samples.shape == (4000,) and floor.samples.dtype == torch.float64
+    monte_carlo_se = floor.samples.std().item() / math.sqrt(4000)
+    assert abs(floor.mean - exact) < 4 * monte_carlo_se
+    assert floor.upper == pytest.approx(torch.quantile(floor.samples, 0.95).item())
+    assert floor.mean < floor.upper
+    # chapter 8's derivation: E|S_m - mu_m| <= sigma_m (Jensen) <= sqrt(|B_m|)/2, and
+    # sum_m sqrt(|B_m|) <= sqrt(M N) (Cauchy-Schwarz): exact <= jensen <= 1/2 sqrt(M/N)
+    _, index = torch.bucketize(confidence, torch.linspace(0, 1, bins + 1)[1:-1].double(),
+                               right=False).unique(return_inverse=True)
+    variance = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_add_(
+        0, index, confidence * (1 - confidence))
+    jensen = variance.sqrt().sum().item() / n
+    assert exact < jensen < floor.bound == pytest.approx(0.5 * math.sqrt(bins / n))
+    assert ece_noise_bound(n, bins) == floor.bound
+    # the normal approximation E|S - mu| ~ sqrt(2 / pi) sigma holds for bins of ~35
+    assert exact == pytest.approx(math.sqrt(2 / math.pi) * jensen, rel=0.03)
+    # the same generator state gives the same floor
+    again = ece_noise_floor(confidence, bins, num_simulations=4000,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.samples, floor.samples)
+
+
+def test_ece_noise_floor_shrinks_like_one_over_sqrt_n() -> None:
+    # The same distribution of confidences (one draw, repeated) at N = 250 ... 16,000:
+    # sqrt(N) E[ECE] is constant up to the O(1/|B_m|) non-normality of small bins.
+    generator = torch.Generator().manual_seed(3)
+    base = 0.1 + 0.9 * torch.rand(250, generator=generator, dtype=torch.float64)
+    scaled = [calibrated_ece_expectation(base.repeat(r)) * math.sqrt(250 * r)
+              for r in (1, 4, 16, 64)]
+    assert max(scaled) / min(scaled) < 1.02
+    # the simulated mean too, within its Monte Carlo error (2000 draws: ~1.5 % each)
+    small = ece_noise_floor(base, num_simulations=2000, generator=generator)
+    large = ece_noise_floor(base.repeat(16), num_simulations=2000, generator=generator)
+    assert small.mean / large.mean == pytest.approx(4.0, rel=0.08)
+    assert small.upper / large.upper == pytest.approx(4.0, rel=0.1)
+
+
+def test_a_calibrated_predictor_stays_below_the_upper_quantile_95_percent_of_the_time() -> None:
+    # Labels drawn from the predictor's own confidences, scored by expected_calibration_error
+    # (not by the floor's own code): the fraction of ECEs at or below the floor's 95%
+    # quantile is 0.95 up to the binomial noise of 1000 trials (sd 0.0069) and the
+    # quantile's own Monte Carlo error (2000 draws: sd ~0.005); 4 combined sd: 0.034.
+    n, trials = 500, 1000
+    probs, _ = _synthetic_confidences(n, seed=31)
+    confidence = probs.max(-1).values
+    floor = ece_noise_floor(confidence, num_simulations=2000,
+                            generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(2)
+    below = 0
+    for _ in range(trials):
+        correct = torch.rand(n, generator=generator, dtype=torch.float64) < confidence
+        ece = expected_calibration_error(probs, _with_correctness(probs, correct)).ece
+        below += ece <= floor.upper
+    assert abs(below / trials - 0.95) < 4 * math.sqrt(0.95 * 0.05 / trials + 0.95 * 0.05 / 2000)
+    # a miscalibrated predictor (right with probability c^2) is far above it
+    correct = torch.rand(n, generator=generator, dtype=torch.float64) < confidence**2
+    overconfident = expected_calibration_error(probs, _with_correctness(probs, correct)).ece
+    assert overconfident > 2 * floor.upper
+
+
+def test_ece_noise_floor_bad_input_raises() -> None:
+    with pytest.raises(ValueError, match=r"shape \(N,\)"):
+        ece_noise_floor(torch.rand(4, 2))
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        ece_noise_floor(torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        calibrated_ece_expectation(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match="num_simulations"):
+        ece_noise_floor(torch.rand(5), num_simulations=1)
+    with pytest.raises(ValueError, match="level"):
+        ece_noise_floor(torch.rand(5), level=1.0)
+    with pytest.raises(ValueError, match="num_bins"):
+        calibrated_ece_expectation(torch.rand(5), num_bins=0)
+    with pytest.raises(ValueError, match="num_items"):
+        ece_noise_bound(0)
+    # rounding just above 1 (within the probability tolerance) is accepted
+    assert ece_noise_floor(torch.tensor([1 + 1e-7, 0.5]), num_simulations=10).bound > 0
+
+
 # --------------------------------------------------------------------------------------
 # Selective prediction
 # --------------------------------------------------------------------------------------
@@ -214,6 +331,60 @@ def test_ties_in_uncertainty_do_not_depend_on_order() -> None:
     torch.testing.assert_close(a.accuracy, b.accuracy)
     assert accuracy_at_coverage(probs, labels, coarse, 0.5) == pytest.approx(
         a.accuracy[249].item())
+
+
+def _aurc_by_hand(correct: torch.Tensor, uncertainty: torch.Tensor) -> float:
+    """Mean over k = 1..N of the error rate of the k least uncertain inputs (no ties)."""
+    order = sorted(range(len(correct)), key=lambda i: uncertainty[i].item())
+    errors, total = 0, 0.0
+    for k, i in enumerate(order, start=1):
+        errors += not bool(correct[i])
+        total += errors / k
+    return total / len(correct)
+
+
+def test_excess_aurc_is_aurc_minus_the_oracle_by_hand() -> None:
+    probs, labels = _random_predictions(14, n=600)
+    correct = probs.argmax(-1) == labels
+    uncertainty = torch.rand(600, generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float64) + 0.3 * (~correct)  # distinct values
+    aurc = _aurc_by_hand(correct, uncertainty)
+    assert selective_prediction(probs, labels, uncertainty).aurc == pytest.approx(aurc,
+                                                                                 rel=1e-12)
+    # the oracle by hand: every error after every right prediction
+    oracle = _aurc_by_hand(correct, (~correct).double() + torch.linspace(0, 0.5, 600,
+                                                                          dtype=torch.float64))
+    assert excess_aurc(probs, labels, uncertainty) == pytest.approx(aurc - oracle, rel=1e-10)
+    assert 0 < excess_aurc(probs, labels, uncertainty) < excess_aurc(
+        probs, labels, torch.rand(600, generator=torch.Generator().manual_seed(1)))
+    # a perfect ranking has no excess; the default uncertainty is 1 - max_k p_k
+    assert excess_aurc(probs, labels, (~correct).double()) == pytest.approx(0, abs=1e-15)
+    softmax_response = 1 - probs.max(-1).values
+    assert excess_aurc(probs, labels) == excess_aurc(probs, labels, softmax_response)
+
+
+@pytest.mark.parametrize("levels", [None, 5])
+def test_misclassification_auroc_agrees_with_sklearn(levels: int | None) -> None:
+    probs, labels = _random_predictions(15, n=1500)
+    wrong = (probs.argmax(-1) != labels).numpy()
+    uncertainty = decompose_uncertainty(probs[None]).total
+    if levels is not None:  # ties
+        uncertainty = (uncertainty * levels).round()
+    ours = misclassification_auroc(probs, labels, uncertainty)
+    assert ours == pytest.approx(roc_auc_score(wrong, uncertainty.numpy()), abs=1e-12)
+    assert 0.5 < ours < 1  # the entropy of these predictions does say something
+    assert misclassification_auroc(probs, labels, torch.from_numpy(wrong).double()) == 1.0
+    assert misclassification_auroc(probs, labels, -torch.from_numpy(wrong).double()) == 0.0
+
+
+def test_misclassification_auroc_needs_right_and_wrong_predictions() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    with pytest.raises(ValueError, match="right and wrong"):
+        misclassification_auroc(probs, torch.tensor([0, 1]), torch.rand(2))
+    with pytest.raises(ValueError, match="right and wrong"):
+        misclassification_auroc(probs, torch.tensor([1, 0]), torch.rand(2))
+    with pytest.raises(ValueError, match="2 inputs"):
+        misclassification_auroc(probs, torch.tensor([0, 0]), torch.rand(3))
 
 
 # --------------------------------------------------------------------------------------

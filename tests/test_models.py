@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bnn_course.layers import BayesianConv2dFlipout, BayesianDenseFlipout
 from bnn_course.models import BayesianCNN, DeterministicCNN
@@ -35,6 +36,46 @@ def test_layers_and_kl_accounting(model) -> None:
     names = [name for name, _ in model.named_parameters()]
     assert len([n for n in names if n.endswith(".mu")]) == len(
         [n for n in names if n.endswith(".log_sigma")])
+
+
+def test_kl_is_the_sum_of_the_layers_kl_with_a_prior_by_layer_in_float64() -> None:
+    seed_everything(5)
+    model = BayesianCNN(image_size=8, channels=(3, 4), hidden_features=6,
+                        parametrization="softplus").double()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".rho"):
+                parameter.uniform_(-4.0, 1.0)
+    for index, layer in enumerate(model.layers()):
+        layer.prior_sigma = 0.2 * (index + 1)  # a "prior scale by layer" recipe
+    kl = model.kl_divergence()
+    reference = sum(layer.kl_divergence() for layer in model.layers())
+    assert kl.dtype == torch.float64
+    torch.testing.assert_close(kl, reference, rtol=1e-13, atol=0)
+    parameters = list(model.parameters())
+    for got, expected in zip(torch.autograd.grad(kl, parameters),
+                             torch.autograd.grad(reference, parameters), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_posterior_mean_pass_is_the_network_of_the_means() -> None:
+    """``sample=False``: the plain convolutions and products with the means, no noise."""
+    seed_everything(6)
+    model = BayesianCNN(channels=(4, 8), hidden_features=16, init_log_sigma=0.0)
+    x = torch.randn(3, 3, 32, 32)
+    h = x
+    for stage in model.stages():
+        if isinstance(stage, BayesianConv2dFlipout):
+            h = F.conv2d(h, stage.weight_mu, stage.bias_mu, padding=1)
+        elif isinstance(stage, BayesianDenseFlipout):
+            h = F.linear(h, stage.weight_mu, stage.bias_mu)
+        else:
+            h = stage(h)
+    torch.testing.assert_close(model(x, sample=False), F.log_softmax(h, -1), rtol=0, atol=0)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    model(x, sample=False)
+    assert torch.equal(torch.get_rng_state(), state)  # draws no random numbers
 
 
 def test_stochastic_and_deterministic_modes(model) -> None:

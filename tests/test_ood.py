@@ -8,7 +8,7 @@ import urllib.error
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_digits, load_sample_images
 
 from bnn_course import data as data_module
 from bnn_course import ood
@@ -16,6 +16,7 @@ from bnn_course.ood import (
     NUM_PHOTO_CROPS,
     OOD_SET_NAMES,
     PHOTO_CROP_SIZES,
+    PHOTO_FILES,
     blobs,
     gaussian_noise_images,
     load_ood_sets,
@@ -153,6 +154,48 @@ def test_photo_set_in_load_ood_sets(tmp_path) -> None:
     small = load_ood_sets(root=tmp_path, allow_download=False, max_images=7)
     assert small["sklearn-photos"][0].shape == (7, 3, 32, 32)
     assert list(sets).index("sklearn-photos") == list(sets).index("sklearn-digits") + 1
+
+
+def test_photo_files_name_the_photographs_in_order() -> None:
+    names = [path.replace("\\", "/").rsplit("/", 1)[-1]
+             for path in load_sample_images().filenames]
+    assert tuple(names) == PHOTO_FILES
+    photos = sklearn_sample_photos()
+    for photo, image in zip(photos, load_sample_images().images, strict=True):
+        assert torch.equal(photo, torch.tensor(image).permute(2, 0, 1))
+
+
+def test_groups_say_which_photograph_each_crop_comes_from(tmp_path, monkeypatch) -> None:
+    recorded = []
+    original = ood.photo_crops
+
+    def recording_photo_crops(*args, **kwargs):
+        images, windows = original(*args, **kwargs)
+        recorded.append((images, windows))
+        return images, windows
+
+    monkeypatch.setattr(ood, "photo_crops", recording_photo_crops)
+    groups: dict[str, torch.Tensor] = {}
+    sets = load_ood_sets(root=tmp_path, allow_download=False, max_images=60,
+                         generator=torch.Generator().manual_seed(12), groups=groups)
+    assert list(groups) == list(sets)
+    (crops, windows), = recorded
+    assert torch.equal(sets["sklearn-photos"][0], crops)
+    photo_of = groups["sklearn-photos"]
+    assert photo_of.dtype == torch.int64 and torch.equal(photo_of, windows[:, 0])
+    assert set(photo_of.tolist()) == {0, 1}  # 60 crops: both photographs
+    for index, file in enumerate(PHOTO_FILES):
+        assert f"{int((photo_of == index).sum())} from {file}" in sets["sklearn-photos"][1]
+    for name in OFFLINE:
+        if name != "sklearn-photos":  # independent images: each its own group
+            assert torch.equal(groups[name], torch.arange(60)), name
+    # asking for the groups changes no set (old callers get the same images)
+    plain = load_ood_sets(root=tmp_path, allow_download=False, max_images=60,
+                          generator=torch.Generator().manual_seed(12))
+    for name, (images, description) in plain.items():
+        assert torch.equal(images, sets[name][0]) and description == sets[name][1], name
+    with pytest.raises(ValueError, match="groups"):
+        load_ood_sets(root=tmp_path, allow_download=False, max_images=2, groups=[])
 
 
 def test_synthetic_sets_are_seeded_and_have_the_right_statistics() -> None:

@@ -15,8 +15,12 @@ from torch.distributions import Normal, kl_divergence
 from bnn_course.posterior import (
     PARAMETRIZATIONS,
     GaussianPosterior,
+    _ScaledNoise,
+    _SummedGaussianKL,
     gaussian_kl_divergence,
+    gaussian_perturbations,
     inverse_softplus,
+    summed_gaussian_kl_divergence,
 )
 
 PRIOR_SIGMAS = (0.1, 0.5, 1.0, 3.0)
@@ -315,3 +319,160 @@ def test_device_and_dtype_factory_arguments() -> None:
     assert posterior.kl_divergence(1.0).dtype == torch.float64
     meta = GaussianPosterior((2, 3), device="meta")
     assert meta.mu.device.type == meta.log_sigma.device.type == "meta"
+
+
+# ------------------------------------------------------------- many posteriors at once
+
+SHAPES = ((6, 5), (7,), (4, 3, 3, 3), (1,), (11, 2))
+
+
+def _random_posteriors(seed: int, dtype: torch.dtype = torch.float64,
+                       parametrizations: tuple[str, ...] = ("log", "softplus", "log", "log",
+                                                            "softplus")
+                       ) -> list[GaussianPosterior]:
+    """Posteriors of different shapes, both parametrisations, random means and sigmas."""
+    generator = torch.Generator().manual_seed(seed)
+    posteriors = []
+    for shape, parametrization in zip(SHAPES, parametrizations, strict=True):
+        posterior = GaussianPosterior(shape, parametrization=parametrization, dtype=dtype)
+        with torch.no_grad():
+            posterior.mu.copy_(0.7 * torch.randn(shape, generator=generator))
+            posterior.sigma_parameter.copy_(torch.randn(shape, generator=generator) - 1.0)
+        posteriors.append(posterior)
+    return posteriors
+
+
+PRIORS = (0.3, 1.0, 2.5, 0.05, 1.7)  # a different prior scale for every posterior
+
+
+def test_summed_kl_equals_the_sum_of_the_kls_and_its_gradient_in_float64() -> None:
+    posteriors = _random_posteriors(seed=1)
+    parameters = [p for posterior in posteriors for p in posterior.parameters()]
+    summed = summed_gaussian_kl_divergence(posteriors, PRIORS)
+    reference = sum(p.kl_divergence(s) for p, s in zip(posteriors, PRIORS, strict=True))
+    assert summed.dtype == torch.float64
+    torch.testing.assert_close(summed, reference, rtol=1e-13, atol=0)
+    # ... and torch.distributions agrees (an independent reference)
+    distributions = sum(_reference_kl(p.mu, p.sigma, s) for p, s in zip(posteriors, PRIORS,
+                                                                      strict=True))
+    torch.testing.assert_close(summed, distributions, rtol=1e-12, atol=0)
+    for got, expected in zip(torch.autograd.grad(summed, parameters),
+                             torch.autograd.grad(reference, parameters), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_summed_kl_gradient_by_finite_differences() -> None:
+    generator = torch.Generator().manual_seed(2)
+    mus = [torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+           for shape in SHAPES[:3]]
+    log_sigmas = [torch.randn(shape, dtype=torch.float64, generator=generator,
+                              requires_grad=True) for shape in SHAPES[:3]]
+    assert torch.autograd.gradcheck(lambda *t: _SummedGaussianKL.apply(PRIORS[:3], *t),
+                                    (*mus, *log_sigmas))
+
+
+def test_summed_kl_closed_form_gradient_and_zero_at_the_prior() -> None:
+    # d KL / d mu = mu / s^2, d KL / d log sigma = sigma^2 / s^2 - 1, per posterior's s
+    posteriors = _random_posteriors(seed=3, parametrizations=("log",) * 5)
+    summed_gaussian_kl_divergence(posteriors, PRIORS).backward()
+    for posterior, s in zip(posteriors, PRIORS, strict=True):
+        torch.testing.assert_close(posterior.mu.grad, posterior.mu.detach() / s**2)
+        torch.testing.assert_close(posterior.log_sigma.grad,
+                                   posterior.sigma.detach() ** 2 / s**2 - 1)
+    for posterior, s in zip(posteriors, PRIORS, strict=True):
+        posterior.set_sigma(s)
+        with torch.no_grad():
+            posterior.mu.zero_()
+    assert summed_gaussian_kl_divergence(posteriors, PRIORS).abs().item() < 1e-12
+
+
+def test_summed_kl_in_float32_and_under_bfloat16_autocast() -> None:
+    posteriors = _random_posteriors(seed=4, dtype=torch.float32)
+    reference = sum(_reference_kl(p.mu.detach(), p.sigma.detach(), s)
+                    for p, s in zip(posteriors, PRIORS, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        summed = summed_gaussian_kl_divergence(posteriors, PRIORS)
+    assert summed.dtype == torch.float32 and summed.requires_grad
+    assert summed.item() == pytest.approx(reference.item(), rel=1e-5)
+    halves = _random_posteriors(seed=4, dtype=torch.bfloat16)
+    assert summed_gaussian_kl_divergence(halves, PRIORS).dtype == torch.float32
+    # Half a million float32 weights (the hidden layer's size): summed as accurately as
+    # torch sums one tensor (a naive float32 accumulation would be off by about 1e-3).
+    large = GaussianPosterior((512, 1024), init_log_sigma=-5.0)
+    with torch.no_grad():
+        large.mu.uniform_(-0.05, 0.05)
+    exact = _reference_kl(large.mu.detach(), large.sigma.detach(), 1.0)
+    got = summed_gaussian_kl_divergence([large], [1.0])
+    assert got.item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+def test_summed_kl_rejects_bad_input() -> None:
+    posteriors = _random_posteriors(seed=5)
+    with pytest.raises(ValueError, match="one prior_sigma per posterior"):
+        summed_gaussian_kl_divergence(posteriors, PRIORS[:2])
+    with pytest.raises(ValueError, match="at least one posterior"):
+        summed_gaussian_kl_divergence([], [])
+    with pytest.raises(ValueError, match="positive"):
+        summed_gaussian_kl_divergence(posteriors, (1.0, 1.0, 0.0, 1.0, 1.0))
+    mixed = [GaussianPosterior((2,)), GaussianPosterior((2,), dtype=torch.float64)]
+    with pytest.raises(ValueError, match="one dtype"):
+        summed_gaussian_kl_divergence(mixed, (1.0, 1.0))
+    with pytest.raises(ValueError, match="one dtype"):
+        gaussian_perturbations(mixed)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_perturbations_drawn_at_once_have_mean_zero_and_the_posterior_sigmas(
+        parametrization: str) -> None:
+    torch.manual_seed(6)
+    posteriors = _random_posteriors(seed=6, dtype=torch.float32,
+                                    parametrizations=(parametrization,) * 5)
+    n = 4000
+    with torch.no_grad():
+        draws = [torch.stack(d) for d in zip(*(gaussian_perturbations(posteriors)
+                                               for _ in range(n)), strict=True)]
+    for posterior, delta in zip(posteriors, draws, strict=True):
+        assert delta.shape == (n, *posterior.shape)
+        z = (delta / posterior.sigma.detach()).double()  # N(0, 1) entry by entry
+        # standard errors 1/sqrt(n) for a mean and sqrt(2/n) for a mean of squares
+        assert z.mean(0).abs().max() < 5 / math.sqrt(n)
+        assert ((z**2).mean(0) - 1).abs().max() < 5 * math.sqrt(2 / n)
+    # Independent across tensors and entries: all entries' correlations near zero.
+    flat = torch.cat([d.flatten(1) / p.sigma.detach().flatten() for d, p in
+                      zip(draws, posteriors, strict=True)], dim=1).double()
+    correlation = torch.corrcoef(flat.T)
+    off_diagonal = correlation[~torch.eye(flat.shape[1], dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 5.5 / math.sqrt(n)
+
+
+def test_perturbation_gradients_are_those_of_sigma_times_epsilon() -> None:
+    torch.manual_seed(7)
+    posteriors = _random_posteriors(seed=7)  # both parametrisations, float64
+    deltas = gaussian_perturbations(posteriors)
+    # The noise behind each perturbation, then the same perturbation by plain autograd.
+    epsilons = [(d / p.sigma).detach() for d, p in zip(deltas, posteriors, strict=True)]
+    weights = [torch.randn(p.shape, dtype=torch.float64) for p in posteriors]
+    loss = sum((w * d).sum() for w, d in zip(weights, deltas, strict=True))
+    reference = sum((w * p.sigma * e).sum() for w, p, e in
+                    zip(weights, posteriors, epsilons, strict=True))
+    parameters = [p.sigma_parameter for p in posteriors]
+    for got, expected in zip(torch.autograd.grad(loss, parameters),
+                             torch.autograd.grad(reference, parameters), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    log_sigmas = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
+                  for shape in SHAPES[:2]]
+    noises = [torch.randn(shape, dtype=torch.float64) for shape in SHAPES[:2]]
+    assert torch.autograd.gradcheck(lambda *t: _ScaledNoise.apply(2, *t, *noises),
+                                    tuple(log_sigmas))
+
+
+def test_perturbations_take_one_random_draw() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    posteriors = _random_posteriors(seed=8, dtype=torch.float32)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        deltas = gaussian_perturbations(posteriors)
+    names = [event.name for event in profiler.events()]
+    assert names.count("aten::randn") == 1 and "aten::randn_like" not in names
+    assert [tuple(d.shape) for d in deltas] == [p.shape for p in posteriors]
+    assert gaussian_perturbations([]) == []

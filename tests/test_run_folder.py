@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import pytest
 import torch
 
-from bnn_course.provenance import git_state
 from bnn_course.run_folder import (
     RunFolderError,
     atomic_torch_save,
@@ -114,27 +111,14 @@ def test_precision_policy_and_tf32_settings_are_restored() -> None:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_provenance_records_the_commit_and_uncommitted_changes(tmp_path) -> None:
-    def git(*arguments: str) -> None:
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
-                       cwd=tmp_path, check=True, capture_output=True)
-
-    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}  # not a repository
-    git("init", "-q")
-    (tmp_path / "code.py").write_text("x = 1\n")
-    git("add", "code.py")
-    git("commit", "-q", "-m", "first")
-    clean = git_state(tmp_path)
-    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] is False
-    (tmp_path / "untracked.txt").write_text("not code")
-    assert git_state(tmp_path)["git_dirty"] is False
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_state(tmp_path) == {"git_commit": clean["git_commit"], "git_dirty": True}
+def test_provenance_records_mode_device_software_data_and_git_state() -> None:
+    # The git state itself (own repository, a copy inside another one): test_provenance.py.
     record = provenance("cpu", smoke=True, data_source="somewhere", num_test=3)
     assert record["mode"] == "smoke" and record["num_test"] == 3
-    assert {"git_commit", "git_dirty", "torch", "python", "bnn_course"} <= set(record)
-    assert record["device"].startswith("CPU")
+    assert record["data_source"] == "somewhere" and record["device"].startswith("CPU")
+    assert {"git_commit", "git_dirty", "git_note", "torch", "python", "bnn_course"} <= set(record)
+    assert provenance("CPU described already", smoke=False,
+                      data_source="x")["device"] == "CPU described already"
 
 
 def test_an_output_folder_below_a_file_is_refused_before_any_work(tmp_path) -> None:

@@ -447,3 +447,127 @@ def test_a_checkpoint_of_other_data_is_set_aside_not_resumed(tiny_data, tmp_path
     assert not (tmp_path / "checkpoint.pt").exists()
     result = train(config, other, out_dir=tmp_path, resume=True, log=quiet)
     assert len(result.history) == 1
+
+
+# ---------------------------------------------------------------------- IVON in the engine
+
+IVON_TINY = {**TINY, "model": "deterministic", "optimizer": "ivon", "lr": 0.05,
+             "ivon_beta2": 0.99}
+
+
+def test_ivon_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path) -> None:
+    config = TrainConfig(epochs=3, ivon_mc_samples=2, **IVON_TINY)
+    uninterrupted = train(config, tiny_data, out_dir=tmp_path / "a", log=quiet)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(epoch: int, _: dict) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, tiny_data, out_dir=tmp_path / "b", on_epoch_end=stop, log=quiet)
+    saved = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    hess = [s["hess"] for s in saved["optimizer"]["state"].values()]
+    assert hess and all(torch.isfinite(h).all() for h in hess)  # the Hessian is checkpointed
+    resumed = train(config, tiny_data, out_dir=tmp_path / "b", resume=True, log=quiet)
+    for (name, a), (_, b) in zip(uninterrupted.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+    assert [r["nll"] for r in resumed.history] == [r["nll"] for r in uninterrupted.history]
+
+
+def test_an_ivon_run_predicts_with_its_posterior(tiny_data, tmp_path) -> None:
+    from bnn_course.models import BayesianCNN
+    from bnn_course.train import build_model, build_optimizer, ivon_posterior_network
+
+    config = TrainConfig(epochs=1, **IVON_TINY)
+    result = train(config, tiny_data, out_dir=tmp_path, log=quiet)
+    assert isinstance(result.model, BayesianCNN)  # samples, means and KL like BBB's network
+    model, state = load_trained_model(tmp_path / "checkpoint.pt")
+    twin = build_model(config)
+    twin.load_state_dict(state["model"])
+    optimizer = build_optimizer(twin, config, num_train=120)
+    optimizer.load_state_dict(state["optimizer"])
+    sigmas = optimizer.posterior_std()
+    layers = [posterior for layer in model.layers() for posterior in layer.posteriors()]
+    for posterior, weight, sigma in zip(layers, twin.parameters(), sigmas, strict=True):
+        assert torch.equal(posterior.mu, weight)
+        assert torch.allclose(posterior.sigma, sigma, rtol=1e-6)
+    # the prior is IVON's: N(0, 1/(ess delta)) = N(0, prior_sigma^2) by default
+    assert all(layer.prior_sigma == pytest.approx(1.0) for layer in model.layers())
+    assert model.kl_divergence().item() == pytest.approx(optimizer.kl_divergence().item(),
+                                                         rel=1e-4)
+    assert result.history[0]["kl"] == pytest.approx(optimizer.kl_divergence().item(),
+                                                    rel=1e-4)
+    rebuilt = ivon_posterior_network(twin, optimizer)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(rebuilt(x, sample=False), model(x, sample=False))
+    assert torch.allclose(model(x, sample=False), twin(x), atol=1e-5)
+
+
+def test_ivon_settings_are_validated_and_need_the_twin() -> None:
+    with pytest.raises(ValueError, match="model='deterministic'"):
+        TrainConfig(optimizer="ivon")
+    for name, value in (("ivon_beta2", 1.0), ("ivon_beta1", -0.1), ("ivon_hess_init", 0.0),
+                        ("ivon_weight_decay", 0.0), ("ivon_clip_radius", -1.0),
+                        ("ivon_mc_samples", 0), ("ivon_ess", 0), ("ivon_hess_init", math.inf)):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(model="deterministic", optimizer="ivon", **{name: value})
+
+
+def test_ivon_command_line_flags(monkeypatch, capsys) -> None:
+    captured = {}
+
+    def fake_train(config, data, out_dir=None, resume=False, overwrite=False):
+        captured["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("bnn_course.train.train", fake_train)
+    monkeypatch.setattr("bnn_course.train.load_cifar10", lambda *a, **k: None)
+    with pytest.raises(SystemExit):
+        main(["--model", "deterministic", "--optimizer", "ivon", "--ivon-clip-radius", "1e-3",
+              "--ivon-weight-decay", "none", "--ivon-ess", "none", "--validation-size", "5000",
+              "--lr-warmup-epochs", "1"])
+    config = captured["config"]
+    assert (config.optimizer, config.ivon_clip_radius, config.ivon_weight_decay,
+            config.ivon_ess, config.validation_size) == ("ivon", 1e-3, None, None, 5000)
+    with pytest.raises(SystemExit) as stop:
+        main(["--optimizer", "ivon"])  # the BayesianCNN: refused before anything is written
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "deterministic" in err
+
+
+def test_the_validation_images_are_held_out_of_training(tiny_data) -> None:
+    from bnn_course.train import training_set, validation_set
+
+    config = TrainConfig(validation_size=20, **TINY)
+    train_images, train_labels = training_set(config, tiny_data)
+    held_images, held_labels = validation_set(config, tiny_data)
+    assert train_images.shape[0] == 100 and held_images.shape[0] == 20
+    assert torch.bincount(held_labels, minlength=10).tolist() == [2] * 10
+    flat = {tuple(image.flatten().tolist()) for image in train_images}
+    assert not any(tuple(image.flatten().tolist()) in flat for image in held_images)
+    again = validation_set(config, tiny_data)[0]
+    assert torch.equal(again, held_images)  # the same split every time
+    result = train(TrainConfig(epochs=1, validation_size=20, **TINY), tiny_data, log=quiet)
+    assert result.history[0]["steps"][-1]["step"] == 4  # 100 images / 32 per batch
+    with pytest.raises(ValueError, match="validation_size=0"):
+        validation_set(TrainConfig(**TINY), tiny_data)
+
+
+def test_the_learning_rate_warms_up_linearly() -> None:
+    from bnn_course.train import learning_rate
+
+    config = TrainConfig(lr=0.1, schedule="constant", lr_warmup_epochs=1)
+    assert [learning_rate(config, s, 100, warmup_steps=4) for s in range(6)] == \
+        pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
+def test_the_epoch_line_names_the_kl_term_as_it_enters_the_loss(tiny_data) -> None:
+    lines = []
+    train(TrainConfig(epochs=1, **TINY), tiny_data, log=lines.append)
+    train(TrainConfig(epochs=1, kl_scaling="unscaled", **TINY), tiny_data, log=lines.append)
+    assert " kl/N " in lines[0] and " kl/N " not in lines[1] and " kl " in lines[1]
