@@ -12,10 +12,11 @@ Within each family the chosen candidate is
   when none did, the one with the lowest held-out NLL (and the record says so).
 
 ``python -m bnn_course.tuning --tier cpu --out runs/posterior-sweep-cpu`` runs the sweep
-(resuming finished candidates) and writes ``sweep.json`` there; a copy with its provenance
-is kept in ``bnn_course/recorded/posterior-sweep-<tier>.json`` and shown in chapter 9, and
-the "posterior" budget of that tier takes the chosen settings
-(``tests/test_tuning.py`` checks that they agree).
+(resuming finished candidates) and writes ``sweep.json`` there; with ``--record PATH`` it
+also writes the same document with a ``"record"`` block (machine, torch, commit, command,
+date), which is kept in ``bnn_course/recorded/sweeps/posterior-sweep-<tier>.json`` and shown
+in chapter 9 as a recorded run. The "posterior" budget of that tier takes the chosen
+settings (``tests/test_tuning.py`` checks that they agree).
 """
 
 from __future__ import annotations
@@ -128,6 +129,32 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
+def record_block(document: Mapping[str, Any], argv: Sequence[str]) -> dict[str, Any]:
+    """Where and how a sweep was made, for its record: the fields of
+    :data:`bnn_course.recorded.RECORD_FIELDS` (``stands_for`` names chapter 9's sweep)."""
+    import datetime
+    import platform
+    import shlex
+
+    from bnn_course.provenance import git_state
+
+    git = git_state()
+    prov = document["provenance"]
+    command = "python -m bnn_course.tuning " + " ".join(
+        shlex.quote(a) for a in argv if not a.startswith("--record"))
+    return {
+        "stands_for": {"chapter": "posterior", "tier": document["tier"], "run": "sweep"},
+        "device": prov["device"], "hardware": prov["device"], "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": (git["git_commit"] or "unknown") + ("+dirty" if git["git_dirty"] else ""),
+        "command": command, "date": datetime.date.today().isoformat(),
+        "made_by": "bnn_course.tuning (this project's command line)",
+        "source": "runs of python -m bnn_course.train's engine, scored on the held-out "
+                  "training images",
+        "notes": [],
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog="python -m bnn_course.tuning",
@@ -141,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidate; finished ones are reused)")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="train only this candidate (repeatable)")
+    parser.add_argument("--record", default=None, metavar="PATH",
+                        help="also write the sweep with its provenance block to PATH")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback")
@@ -154,6 +183,9 @@ def _main(argv: list[str]) -> dict[str, Any]:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     document = run_sweep(args.tier, args.data, args.out, args.only)
+    if args.record is not None:
+        atomic_write_text(args.record, json.dumps(
+            {**document, "record": record_block(document, argv)}, indent=2))
     for family, chosen in document["chosen"].items():
         print(f"{family}: {chosen['name']} ({chosen['rule']})")
     return document

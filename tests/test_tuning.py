@@ -39,13 +39,16 @@ def test_every_candidate_changes_only_its_family_recipe(tier) -> None:
 
 
 def _recorded_sweeps() -> list[str]:
-    folder = resources.files("bnn_course") / "recorded"
+    folder = resources.files("bnn_course") / "recorded" / "sweeps"
+    if not folder.is_dir():
+        return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("posterior-sweep-"))
 
 
 @pytest.mark.parametrize("name", _recorded_sweeps())
 def test_the_budget_uses_the_recipes_its_recorded_sweep_chose(name) -> None:
-    document = json.loads((resources.files("bnn_course") / "recorded" / name).read_text())
+    document = json.loads(
+        (resources.files("bnn_course") / "recorded" / "sweeps" / name).read_text())
     tier = document["tier"]
     configs = posterior_configs(tier)
     rows = {row["name"]: row for row in document["candidates"]}
@@ -63,7 +66,11 @@ def test_the_command_line_runs_the_sweep_in_smoke_mode(tmp_path, monkeypatch, ca
     monkeypatch.setattr("bnn_course.data._download", lambda root: (_ for _ in ()).throw(
         OSError("no network in tests")))
     document = main(["--tier", "smoke", "--out", str(tmp_path / "sweep"),
-                     "--only", "sigma-aware, beta 1", "--only", "IVON, ess N"])
+                     "--only", "sigma-aware, beta 1", "--only", "IVON, ess N",
+                     "--record", str(tmp_path / "record.json")])
+    record = json.loads((tmp_path / "record.json").read_text())["record"]
+    assert record["stands_for"] == {"chapter": "posterior", "tier": "smoke", "run": "sweep"}
+    assert "--tier smoke" in record["command"] and "--record" not in record["command"]
     assert [row["name"] for row in document["candidates"]] == ["sigma-aware, beta 1",
                                                               "IVON, ess N"]
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
