@@ -106,6 +106,8 @@ def run_sweep(tier: str, data_root: str | None, out_dir: str | Path,
             "reason": report.reason, "max_share": report.max_share,
             "hessian_memory": report.hessian_memory,
             "kl_per_example": report.kl_per_example[-1], "train_nll": report.nll[-1],
+            "kl_per_example_by_epoch": report.kl_per_example,
+            "train_nll_by_epoch": report.nll,
             "training_seconds": sum(r["seconds"] for r in result.history),
             "wall_seconds": time.perf_counter() - started,
         })
