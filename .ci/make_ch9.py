@@ -328,7 +328,7 @@ for name, config in configs.items():
         origins[name] = f"reused {reused}"
     else:
         folder = run_dir / name
-        set_aside_other_data(folder, config, data)
+        set_aside_other_data(folder, config, data, other_configuration=True)
         result = train(config, data, out_dir=folder, resume=True,
                        log=lambda line, name=name: print(f"{name}: {line}"))
         model, histories[name] = result.model, result.history
@@ -393,9 +393,11 @@ for family, chosen in sweep_record["chosen"].items():
     print(f"chosen for {family}: {chosen['name']} ({chosen['rule']})")
     # the recipes this page trains are the ones the sweep chose (a test checks this too)
     chosen_config = sweep.loc[chosen["name"], "config"]
-    for field in ("kl_weight", "ivon_ess", "sigma_lr_factor", "prior_scaling",
-                  "ivon_clip_radius", "lr"):
+    for field in ("kl_weight", "sigma_lr_factor", "prior_scaling", "ivon_clip_radius", "lr"):
         assert chosen_config[field] == getattr(configs[family], field), field
+    if family == "ivon":  # the effective sample size as a multiple of the training images
+        sweep_n = (chosen_config["train_subset"] or 50_000) - chosen_config["validation_size"]
+        assert chosen_config["ivon_ess"] / sweep_n == configs["ivon"].ivon_ess / num_train
 untempered = sweep[sweep.index.str.contains("beta 1$|ess N$", regex=True)]
 glue_text("ch9_sweep_machine", f"{record['hardware']}, commit {record['commit']}")
 glue_text("ch9_sweep_sigma_choice", sweep_record["chosen"]["sigma_aware"]["name"])

@@ -1120,12 +1120,16 @@ def train(
 
 
 def set_aside_other_data(out_dir: str | os.PathLike, config: TrainConfig,
-                         data: CIFAR10Data) -> Path | None:
+                         data: CIFAR10Data, *, other_configuration: bool = False,
+                         ) -> Path | None:
     """Rename ``out_dir/checkpoint.pt`` to ``checkpoint-other-data-<mtime>.pt`` when it was
     trained on other data than ``data`` (the training subset that ``config`` selects, and
     the test set), so that :func:`train` with ``resume=True`` starts afresh instead of
-    refusing; the old run is kept. Returns the new path, or ``None`` when there is no
-    checkpoint or it was trained on the same data.
+    refusing; the old run is kept. With ``other_configuration``, a checkpoint of another
+    configuration (other than in :data:`RESUME_FREE_FIELDS`) is set aside too, as
+    ``checkpoint-other-run-<mtime>.pt``: for run folders a chapter owns, whose recipe may
+    change between versions of the book. Returns the new path, or ``None`` when there is no
+    checkpoint or it can be resumed.
 
     A notebook calls this before resuming, because the data can change under a run folder:
     smoke mode on the synthetic stand-in, then on a real copy of CIFAR-10.
@@ -1137,9 +1141,14 @@ def set_aside_other_data(out_dir: str | os.PathLike, config: TrainConfig,
     train_images, train_labels = training_set(config, data)
     identity = data_identity(data.source, train_images, train_labels, data.test_images,
                              data.test_labels)
-    if not data_differences(state, identity, ("train", "test")):
+    if data_differences(state, identity, ("train", "test")):
+        kind = "data"
+    elif other_configuration and config_differences(
+            state["config"], dataclasses.asdict(config), ignore=RESUME_FREE_FIELDS):
+        kind = "run"
+    else:
         return None
-    aside = path.with_name(f"checkpoint-other-data-{int(path.stat().st_mtime)}.pt")
+    aside = path.with_name(f"checkpoint-other-{kind}-{int(path.stat().st_mtime)}.pt")
     path.rename(aside)
     return aside
 

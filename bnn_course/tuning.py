@@ -142,8 +142,16 @@ def record_block(document: Mapping[str, Any], argv: Sequence[str]) -> dict[str, 
 
     git = git_state()
     prov = document["provenance"]
-    command = "python -m bnn_course.tuning " + " ".join(
-        shlex.quote(a) for a in argv if not a.startswith("--record"))
+    kept, skip = [], False
+    for argument in argv:  # the command without --record PATH (where the copy went)
+        if skip or argument.startswith("--record="):
+            skip = False
+            continue
+        if argument == "--record":
+            skip = True
+            continue
+        kept.append(shlex.quote(argument))
+    command = "python -m bnn_course.tuning " + " ".join(kept)
     return {
         "stands_for": {"chapter": "posterior", "tier": document["tier"], "run": "sweep"},
         "device": prov["device"], "hardware": prov["device"], "torch": torch.__version__,

@@ -571,3 +571,18 @@ def test_the_epoch_line_names_the_kl_term_as_it_enters_the_loss(tiny_data) -> No
     train(TrainConfig(epochs=1, **TINY), tiny_data, log=lines.append)
     train(TrainConfig(epochs=1, kl_scaling="unscaled", **TINY), tiny_data, log=lines.append)
     assert " kl/N " in lines[0] and " kl/N " not in lines[1] and " kl " in lines[1]
+
+
+def test_a_checkpoint_of_another_recipe_is_set_aside_when_asked(tiny_data, tmp_path) -> None:
+    from bnn_course.train import set_aside_other_data
+
+    train(TrainConfig(epochs=1, **TINY), tiny_data, out_dir=tmp_path, log=quiet)
+    changed = TrainConfig(epochs=1, **{**TINY, "lr": 0.01})
+    assert set_aside_other_data(tmp_path, changed, tiny_data) is None  # only data by default
+    log_only = TrainConfig(epochs=1, **{**TINY, "log_interval": 7})
+    assert set_aside_other_data(tmp_path, log_only, tiny_data,
+                                other_configuration=True) is None  # resumable
+    aside = set_aside_other_data(tmp_path, changed, tiny_data, other_configuration=True)
+    assert aside is not None and aside.name.startswith("checkpoint-other-run-")
+    assert not (tmp_path / "checkpoint.pt").exists()
+    train(changed, tiny_data, out_dir=tmp_path, resume=True, log=quiet)  # starts afresh

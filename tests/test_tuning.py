@@ -71,6 +71,7 @@ def test_the_command_line_runs_the_sweep_in_smoke_mode(tmp_path, monkeypatch, ca
     record = json.loads((tmp_path / "record.json").read_text())["record"]
     assert record["stands_for"] == {"chapter": "posterior", "tier": "smoke", "run": "sweep"}
     assert "--tier smoke" in record["command"] and "--record" not in record["command"]
+    assert "record.json" not in record["command"]
     assert [row["name"] for row in document["candidates"]] == ["sigma-aware, beta 1",
                                                               "IVON, ess N"]
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
