@@ -208,8 +208,8 @@ changes)}``, each a change of the family's recipe in :func:`posterior_configs`. 
 in how strongly the likelihood counts against the prior: ``kl_weight`` :math:`\beta` for
 Bayes by Backprop, the effective sample size :math:`\lambda` for IVON (``"10N"``: ten times
 the number of training images; :math:`\lambda = N/\beta` gives IVON the objective of
-:math:`\beta`). :math:`\beta = 1` is the ELBO itself; smaller values temper it (the "cold
-posterior" of Wenzel et al. 2020)."""
+:math:`\beta`). :math:`\beta = 1` is the ELBO itself; smaller values temper the
+likelihood (a tempered posterior, Wenzel et al. 2020)."""
 
 
 def posterior_candidates(budget: SimpleNamespace | str | None = None

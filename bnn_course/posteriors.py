@@ -141,7 +141,8 @@ class Scores:
     """One dict per contender (keys: the module docstring of :func:`scorecard`)."""
     per_image: dict[str, dict[str, torch.Tensor]]
     """``per_image[name]`` holds float64 ``(N,)`` tensors ``correct``, ``nll``, ``brier``
-    on the clean test set, for paired standard errors."""
+    and the predictive ``probs`` ``(N, K)`` on the clean test set, for paired standard
+    errors."""
 
 
 def _per_image(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -151,7 +152,7 @@ def _per_image(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Ten
     one_hot = F.one_hot(y, p.shape[1]).double()
     return {"correct": (p.argmax(1) == y).double(),
             "nll": -picked.clamp_min(torch.finfo(torch.float64).tiny).log(),
-            "brier": (p - one_hot).square().sum(1)}
+            "brier": (p - one_hot).square().sum(1), "probs": p}
 
 
 def scorecard(contenders: Sequence[Contender], test_images: torch.Tensor,
@@ -273,3 +274,21 @@ def target_checks(rows: Sequence[Mapping[str, Any]], recommended: str, twin: str
     checks.append(TargetCheck("converged", float(converged), 1.0, bool(converged),
                               "convergence_report's verdict"))
     return checks
+
+
+def paired_ece_difference(scores: Scores, first: str, second: str, labels: torch.Tensor,
+                          num_resamples: int = 200, seed: int = 0) -> tuple[float, float]:
+    """``(ECE of first - ECE of second, bootstrap standard error)`` on the clean test set:
+    both ECEs on the same resamples of the test images
+    (:func:`bnn_course.comparison.resample_weights`,
+    :func:`bnn_course.comparison.weighted_ece`), so the error bar is paired."""
+    from bnn_course.comparison import resample_weights, weighted_ece
+
+    size = labels.shape[0]
+    ones = torch.ones(1, size, dtype=torch.float64)
+    point = (weighted_ece(scores.per_image[first]["probs"], labels, ones)
+             - weighted_ece(scores.per_image[second]["probs"], labels, ones)).item()
+    weights = resample_weights(size, num_resamples, torch.Generator().manual_seed(seed))
+    differences = (weighted_ece(scores.per_image[first]["probs"], labels, weights)
+                   - weighted_ece(scores.per_image[second]["probs"], labels, weights))
+    return point, differences.std().item()

@@ -100,3 +100,20 @@ def test_target_checks_compare_with_the_twins() -> None:
 def test_an_unknown_kind_is_refused(setup) -> None:
     with pytest.raises(ValueError, match="kind"):
         Contender("x", "ensemble", setup[2])
+
+
+def test_the_paired_ece_difference_matches_the_ece_and_its_spread(setup) -> None:
+    from bnn_course.metrics import expected_calibration_error
+    from bnn_course.posteriors import paired_ece_difference
+
+    data, bayes, twin = setup
+    contenders = [Contender("bbb", "sampled", bayes), Contender("twin", "deterministic", twin)]
+    torch.manual_seed(2)
+    scores = scorecard(contenders, data.test_images, data.test_labels, num_samples=2)
+    difference, se = paired_ece_difference(scores, "bbb", "twin", data.test_labels)
+    ece = {name: expected_calibration_error(scores.per_image[name]["probs"].float(),
+                                            data.test_labels).ece for name in ("bbb", "twin")}
+    assert difference == pytest.approx(ece["bbb"] - ece["twin"], abs=1e-6)
+    assert 0 < se < 1
+    same, zero = paired_ece_difference(scores, "twin", "twin", data.test_labels)
+    assert same == 0 and zero == 0
