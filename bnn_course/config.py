@@ -3,10 +3,10 @@
 A notebook never branches on the mode itself: it asks :func:`budget` for its numbers.
 
 * **full** mode is what readers and the rendered book get: budgets large enough that the
-  figures and numbers mean something. Chapters 6-8, which train on CIFAR-10, have two
+  figures and numbers mean something. Chapters 6-9, which train on CIFAR-10, have two
   *tiers* of full mode, chosen by the hardware: the **GPU tier** on a CUDA device and the
-  **CPU tier** everywhere else, sized so that each of those chapters finishes within about
-  25 minutes on a 2-core CPU. The other chapters have one full budget for both tiers.
+  **CPU tier** everywhere else, sized for about 25 minutes per chapter on a 2-core CPU
+  (measured times: README). The other chapters have one full budget for both tiers.
 * **smoke** mode is what CI and ``pytest`` get (``conftest.py`` sets ``BNN_COURSE_SMOKE=1``):
   the same code paths on tiny budgets, only to prove that every cell runs.
 
