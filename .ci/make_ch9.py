@@ -617,10 +617,10 @@ print(f"recommended: {labels[recommended]}")
 
 md(r"""
 The recommendation is **{glue:text}`ch9_recommended`**, by
-{glue:text}`ch9_recommended_basis`. These held-out scores need not equal the recorded sweep's for the same
-recipe (compare the two printouts): the sweep trained each candidate with one thread, this
-page with the threads of its machine, and sums taken in another order make another
-training run, as another seed would.
+{glue:text}`ch9_recommended_basis`. These held-out scores need not equal the recorded
+sweep's for the same recipe (compare the two printouts): the sweep trained each
+candidate with one thread, this page with the threads of its machine, and sums taken in
+another order make another training run, as another seed would.
 
 ### The table
 
