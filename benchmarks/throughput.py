@@ -807,12 +807,20 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M"
 
 
+def ratio_text(ratio: dict[str, Any]) -> str:
+    """A ratio's value with two decimals, or three when two would round it onto its target
+    (0.497 is "0.497x", not "0.50x", against a target of 0.5)."""
+    threshold = float(str(ratio["target"]).split()[-1])
+    value = ratio["value"]
+    return f"{value:.3f}x" if round(value, 2) == threshold else f"{value:.2f}x"
+
+
 def _ratio_line(name: str, ratio: dict[str, Any], missing: str) -> str:
     label = RATIO_LABELS[name] + ":"
     if ratio["value"] is None:
         return f"{label:<26} n/a ({missing})"
     verdict = "met" if ratio["met"] else "NOT met"
-    return f"{label:<26} {ratio['value']:5.2f}x  (target {ratio['target']}x: {verdict})"
+    return f"{label:<26} {ratio_text(ratio):>6}  (target {ratio['target']}x: {verdict})"
 
 
 def _rate_row(result: dict[str, Any], counts: str = "", ratio: str = "") -> str:
@@ -923,7 +931,7 @@ def markdown_table(documents: Sequence[dict[str, Any]]) -> str:
         for document in documents:
             ratio = document["ratios"].get(name, {"value": None})
             cells.append("–" if ratio["value"] is None else
-                         f"{ratio['value']:.2f}x (target {ratio['target']}x) "
+                         f"{ratio_text(ratio)} (target {ratio['target']}x) "
                          f"{'✓' if ratio['met'] else '✗'}")
         rows.append((RATIO_LABELS[name], cells))
     if any(d.get("op_counts") for d in documents):

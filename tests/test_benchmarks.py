@@ -310,7 +310,7 @@ def test_markdown_table_from_saved_results(tmp_path, capsys) -> None:
     assert any(line.startswith("| training: bayesian-torch") and "–" in line for line in lines)
     ratio = documents[0]["ratios"]["ours_over_deterministic"]
     row = next(line for line in lines if line.startswith("| ours / deterministic"))
-    assert (f"{ratio['value']:.2f}x (target {ratio['target']}x) "
+    assert (f"{throughput.ratio_text(ratio)} (target {ratio['target']}x) "
             f"{'✓' if ratio['met'] else '✗'}") in row
     assert "S = 3" in table and documents[0]["command"] in table
 
@@ -387,3 +387,10 @@ def test_the_targets_depend_on_the_device() -> None:
     assert _judge("ours_over_deterministic", 0.55, "cpu")["met"] is True
     assert _judge("ours_over_deterministic", 0.55, "cuda")["met"] is False
     assert _judge("prediction_per_sample_over_twin", None, "cuda")["met"] is None
+
+
+def test_a_ratio_next_to_its_target_shows_three_decimals() -> None:
+    assert throughput.ratio_text({"value": 0.4972, "target": ">= 0.5"}) == "0.497x"
+    assert throughput.ratio_text({"value": 0.5031, "target": ">= 0.5"}) == "0.503x"
+    assert throughput.ratio_text({"value": 1.4612, "target": ">= 2"}) == "1.46x"
+    assert throughput.ratio_text({"value": 1.996, "target": ">= 2"}) == "1.996x"
